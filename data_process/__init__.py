@@ -1,0 +1,1 @@
+"""Stage 1/2 data preparation for Qwen-Merge: hub datasets and local formats to LLaMA-Factory parquet."""

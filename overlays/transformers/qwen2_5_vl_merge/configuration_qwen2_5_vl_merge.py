@@ -1,0 +1,52 @@
+"""Qwen-Merge configuration: a Qwen2.5-VL vision config with a second projector width, and a Qwen3-style text config
+(explicit head_dim, no attention bias) driven by Qwen2.5-VL's 3-D M-RoPE."""
+from ..qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
+
+
+class Qwen2_5_VL_MergeVisionConfig(Qwen2_5_VLVisionConfig):
+    """`out_hidden_size` is the source merger's width; `out_hidden_size2` the LLM width the new mlp.4 maps to."""
+
+    model_type = "qwen2_5_vl_merge_vision"
+
+    def __init__(self, out_hidden_size2=None, **kwargs):
+        super().__init__(**kwargs)
+        self.out_hidden_size2 = out_hidden_size2 if out_hidden_size2 is not None else self.out_hidden_size
+
+
+class Qwen2_5_VL_MergeTextConfig(Qwen2_5_VLTextConfig):
+    """Qwen3 decoder fields on top of the Qwen2.5-VL text config (which keeps `rope_scaling.mrope_section`)."""
+
+    model_type = "qwen2_5_vl_merge_text"
+
+    def __init__(self, head_dim=None, attention_bias=False, **kwargs):
+        super().__init__(**kwargs)
+        self.head_dim = head_dim if head_dim is not None else self.hidden_size // self.num_attention_heads
+        self.attention_bias = attention_bias
+        section = (self.rope_scaling or {}).get("mrope_section")
+        if section is not None and 2 * sum(section) != self.head_dim:
+            raise ValueError(f"rope_scaling.mrope_section {section} must sum to head_dim/2 = {self.head_dim // 2}")
+
+
+# Text fields mirrored at the top level: the merger writes flat configs, and vLLM reads text fields from there.
+_TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+                "rope_theta", "rope_scaling", "attention_bias", "attention_dropout", "use_sliding_window",
+                "sliding_window", "max_window_layers", "tie_word_embeddings")
+
+
+class Qwen2_5_VL_MergeConfig(Qwen2_5_VLConfig):
+    """Accepts the flat layout (text fields at the top level, as the merger writes) and the nested `text_config`
+    layout (as transformers 4.52 re-saves it)."""
+
+    model_type = "qwen2_5_vl_merge"
+    sub_configs = {"vision_config": Qwen2_5_VL_MergeVisionConfig, "text_config": Qwen2_5_VL_MergeTextConfig}
+
+    def __init__(self, text_config=None, vision_config=None, image_token_id=151655, video_token_id=151656, **kwargs):
+        super().__init__(text_config=text_config, vision_config=vision_config, image_token_id=image_token_id,
+                         video_token_id=video_token_id, **kwargs)
+        for name in _TEXT_FIELDS:
+            if name not in kwargs:
+                setattr(self, name, getattr(self.text_config, name))
+
+
+__all__ = ["Qwen2_5_VL_MergeConfig", "Qwen2_5_VL_MergeTextConfig", "Qwen2_5_VL_MergeVisionConfig"]

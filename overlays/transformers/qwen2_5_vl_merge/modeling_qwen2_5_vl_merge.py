@@ -1,0 +1,111 @@
+"""Qwen-Merge model: the Qwen2.5-VL vision tower whose merger gains GELU + Linear to the LLM width, and a Qwen3
+decoder (per-head q/k RMSNorm, no qkv bias, explicit head_dim) positioned with Qwen2.5-VL's 3-D M-RoPE.
+
+Everything is inherited from the installed Qwen2.5-VL and Qwen3 code. The only new mechanism: M-RoPE is folded once
+per forward into per-token cos/sin (the same selection of t/h/w frequency sections that Qwen2.5-VL does in every
+layer), so the unchanged Qwen3 layers apply it as ordinary RoPE. For text-only input t = h = w, so the merged model
+computes exactly what the source Qwen3 computes.
+"""
+import torch
+from torch import nn
+
+from ...modeling_utils import PreTrainedModel
+from ..qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VisionTransformerPretrainedModel,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLModel,
+    Qwen2_5_VLPatchMerger,
+    Qwen2_5_VLPreTrainedModel,
+    Qwen2_5_VLRotaryEmbedding,
+)
+from ..qwen3.modeling_qwen3 import Qwen3Model, Qwen3RMSNorm
+from .configuration_qwen2_5_vl_merge import (
+    Qwen2_5_VL_MergeConfig,
+    Qwen2_5_VL_MergeTextConfig,
+    Qwen2_5_VL_MergeVisionConfig,
+)
+
+
+class Qwen2_5_VL_MergePatchMerger(Qwen2_5_VLPatchMerger):
+    """Source merger (ln_q, mlp.0, GELU, mlp.2) + new GELU (mlp.3) + new Linear (mlp.4) to the LLM width."""
+
+    def __init__(self, dim: int, dim2: int, context_dim: int, spatial_merge_size: int = 2) -> None:
+        super().__init__(dim=dim, context_dim=context_dim, spatial_merge_size=spatial_merge_size)
+        self.mlp.append(nn.GELU())
+        self.mlp.append(nn.Linear(dim, dim2))
+
+
+class Qwen2_5_VL_MergeVisionModel(Qwen2_5_VisionTransformerPretrainedModel):
+    config_class = Qwen2_5_VL_MergeVisionConfig
+
+    def __init__(self, config, *inputs, **kwargs) -> None:
+        super().__init__(config, *inputs, **kwargs)
+        self.merger = Qwen2_5_VL_MergePatchMerger(
+            dim=config.out_hidden_size, dim2=config.out_hidden_size2, context_dim=config.hidden_size,
+            spatial_merge_size=config.spatial_merge_size)
+
+
+class Qwen2_5_VL_MergeRotaryEmbedding(Qwen2_5_VLRotaryEmbedding):
+    """Returns (batch, seq, head_dim) cos/sin with each frequency section taken from its t/h/w position stream."""
+
+    def __init__(self, config, device=None):
+        super().__init__(config, device)
+        self.sections = list(config.rope_scaling["mrope_section"]) * 2
+
+    def forward(self, x, position_ids):
+        if position_ids.dim() == 2:  # plain text positions: t = h = w
+            position_ids = position_ids[None].expand(3, -1, -1)
+        cos, sin = super().forward(x, position_ids)  # (3, batch, seq, head_dim)
+        return self._select_sections(cos), self._select_sections(sin)
+
+    def _select_sections(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part[i % 3] for i, part in enumerate(t.split(self.sections, dim=-1))], dim=-1)
+
+
+class Qwen2_5_VL_MergeTextModel(Qwen3Model):
+    """The Qwen3 decoder stack with M-RoPE positions."""
+
+    config_class = Qwen2_5_VL_MergeTextConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.rotary_emb = Qwen2_5_VL_MergeRotaryEmbedding(config)
+
+
+class Qwen2_5_VL_MergePreTrainedModel(Qwen2_5_VLPreTrainedModel):
+    config_class = Qwen2_5_VL_MergeConfig
+    _no_split_modules = ["Qwen3DecoderLayer", "Qwen2_5_VLVisionBlock"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, Qwen3RMSNorm):
+            module.weight.data.fill_(1.0)
+
+
+class Qwen2_5_VL_MergeModel(Qwen2_5_VL_MergePreTrainedModel, Qwen2_5_VLModel):
+    def __init__(self, config: Qwen2_5_VL_MergeConfig):
+        PreTrainedModel.__init__(self, config)  # not Qwen2_5_VLModel.__init__: it would build the stock towers
+        self.visual = Qwen2_5_VL_MergeVisionModel._from_config(config.vision_config)
+        self.language_model = Qwen2_5_VL_MergeTextModel._from_config(config.text_config)
+        self.rope_deltas = None
+        self.post_init()
+
+
+class Qwen2_5_VL_MergeForConditionalGeneration(Qwen2_5_VL_MergePreTrainedModel, Qwen2_5_VLForConditionalGeneration):
+    """Loads the merger's flat keys (`visual.*`, `model.*`) and the nested keys transformers 4.52 saves
+    (`model.visual.*`, `model.language_model.*`) through the inherited `_checkpoint_conversion_mapping`."""
+
+    def __init__(self, config: Qwen2_5_VL_MergeConfig):
+        PreTrainedModel.__init__(self, config)
+        self.model = Qwen2_5_VL_MergeModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+
+__all__ = [
+    "Qwen2_5_VL_MergeForConditionalGeneration",
+    "Qwen2_5_VL_MergeModel",
+    "Qwen2_5_VL_MergePreTrainedModel",
+    "Qwen2_5_VL_MergeTextModel",
+    "Qwen2_5_VL_MergeVisionModel",
+]

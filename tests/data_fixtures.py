@@ -1,0 +1,177 @@
+"""Local fixtures for the data tests: images (good and broken) and hub datasets written in the hub repos'
+own layouts and schemas (ReCap, synthdog, LLaVA-OneVision-Data), readable by ``datasets.load_dataset(dir)``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+def jpeg_bytes(width: int = 64, height: int = 48, seed: int = 0, quality: int = 90) -> bytes:
+    rng = np.random.default_rng(seed)
+    small = (rng.random((max(1, height // 8), max(1, width // 8), 3)) * 255).astype("uint8")
+    image = Image.fromarray(small).resize((width, height), Image.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def png_bytes(width: int = 40, height: int = 30, color=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def ppm_bytes() -> bytes:
+    """A format PIL reads but that is not kept as is (re-encoded to PNG)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, format="PPM")
+    return buffer.getvalue()
+
+
+def bomb_png_bytes() -> bytes:
+    """A tiny file that declares 64 M pixels (over the 50 M default limit)."""
+    buffer = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+BAD_IMAGES = {
+    "image_truncated": lambda: jpeg_bytes(64, 48, seed=7)[:400],
+    "image_empty": lambda: b"",
+    "image_unreadable": lambda: b"this is not an image at all",
+    "image_too_large": bomb_png_bytes,
+}
+
+
+def _conversation(*turns: str) -> list[dict]:
+    return [{"from": "human" if i % 2 == 0 else "gpt", "value": text} for i, text in enumerate(turns)]
+
+
+# (expected reason or None, conversations) for every rule of the recipe
+CONVERSATION_CASES = [
+    (None, _conversation("<image>\nDescribe the image.", "A red square.")),
+    (None, _conversation("Describe the image.", "No tag, so one is prepended.")),
+    (None, _conversation("Render a clear and concise summary of the photo.\n<image>", "Tag at the end.")),
+    (None, _conversation("<image>\nWhat is it?", "A cat.", "And the color?", "Black.")),
+    ("empty_conversations", []),
+    ("odd_turn_count", _conversation("<image>\nHi", "Hello", "Bye")),
+    ("bad_role_order", [{"from": "gpt", "value": "<image>\nx"}, {"from": "human", "value": "y"}]),
+    ("multiple_image_tags", _conversation("<image>\n<image>\nTwo?", "Yes.")),
+    ("media_tag_first_turn", _conversation("<image>\n<Video> what happens?", "Nothing.")),
+    ("media_tag_later_turn", _conversation("<image>\nQ1", "A1", "<IMAGE> Q2", "A2")),
+    ("media_tag_in_answer", _conversation("<image>\nQ", "see <image>")),
+    ("think_tag_in_answer", _conversation("<image>\nQ", "<think>hmm</think> A")),
+    ("malformed_turn", [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}]),
+]
+
+
+def recap_rows(num_good: int = 12, seed: int = 0) -> tuple[list[dict], dict]:
+    """ReCap rows (``id``, ``image``, ``conversations``) and the expected reject counts by reason."""
+    rows, expected = [], {}
+    for i in range(num_good):
+        image = jpeg_bytes(64 + i, 48, seed=seed + i) if i % 3 else png_bytes(40, 30 + i)
+        rows.append({"id": f"good-{i}", "image": {"bytes": image, "path": None},
+                     "conversations": CONVERSATION_CASES[i % 4][1]})
+    good_image = {"bytes": jpeg_bytes(32, 32, seed=99), "path": None}
+    for i, (reason, conversations) in enumerate(CONVERSATION_CASES[4:]):
+        if reason == "malformed_turn":  # the hub schema stores strings: this case only exists in JSON
+            continue
+        rows.append({"id": f"bad-conv-{i}", "image": good_image, "conversations": conversations})
+        expected[reason] = expected.get(reason, 0) + 1
+    ok = CONVERSATION_CASES[0][1]
+    for reason, make in BAD_IMAGES.items():
+        rows.append({"id": f"bad-{reason}", "image": {"bytes": make(), "path": None}, "conversations": ok})
+        expected[reason] = expected.get(reason, 0) + 1
+    rows.append({"id": "no-image", "image": None, "conversations": ok})
+    expected["image_missing"] = 1
+    rows.append({"id": "ppm", "image": {"bytes": ppm_bytes(), "path": None}, "conversations": ok})
+    return rows, expected
+
+
+def _features(kind: str):
+    import datasets
+
+    conversations = [{"from": datasets.Value("string"), "value": datasets.Value("string")}]
+    columns = {
+        "recap": {"id": datasets.Value("string"), "image": datasets.Image(), "conversations": conversations},
+        "synthdog": {"image": datasets.Image(), "ground_truth": datasets.Value("string")},
+        "onevision": {"id": datasets.Value("string"), "image": datasets.Image(), "conversations": conversations,
+                      "data_source": datasets.Value("string")},
+    }[kind]
+    return datasets.Features(columns)
+
+
+def write_parquet_files(rows: list[dict], kind: str, paths: list[Path]) -> None:
+    """Split ``rows`` over ``paths`` as HF datasets would publish them (features metadata included)."""
+    import datasets
+
+    chunks = np.array_split(np.arange(len(rows)), len(paths))
+    for path, chunk in zip(paths, chunks):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = datasets.Dataset.from_list([rows[i] for i in chunk], features=_features(kind))
+        part.to_parquet(str(path))
+
+
+def make_recap_repo(root: Path, rows: list[dict], num_files: int = 2) -> Path:
+    """``lmms-lab/LLaVA-ReCap-*`` layout: ``data/train-0000x-of-0000n.parquet``."""
+    paths = [root / "data" / f"train-{i:05d}-of-{num_files:05d}.parquet" for i in range(num_files)]
+    write_parquet_files(rows, "recap", paths)
+    return root
+
+
+def synthdog_rows(num_good: int = 6) -> tuple[list[dict], dict]:
+    def ground_truth(text):
+        return json.dumps({"gt_parse": {"text_sequence": text}, "meta": {"version": "1.0.0"}}, ensure_ascii=False)
+
+    rows = [{"image": {"bytes": jpeg_bytes(80, 40, seed=i), "path": None},
+             "ground_truth": ground_truth(f"  line {i} 文本  ")} for i in range(num_good)]
+    good = {"bytes": jpeg_bytes(40, 40, seed=50), "path": None}
+    bad = {
+        "ground_truth_not_json": "{'gt_parse': {'text_sequence': __import__('os').getcwd()}}",
+        "ground_truth_no_text": json.dumps({"gt_parse": {"other": 1}}),
+        "ground_truth_empty_text": ground_truth("   "),
+    }
+    rows += [{"image": good, "ground_truth": text} for text in bad.values()]
+    rows.append({"image": {"bytes": BAD_IMAGES["image_truncated"](), "path": None},
+                 "ground_truth": ground_truth("x")})
+    rows.append({"image": None, "ground_truth": ground_truth("x")})
+    expected = {reason: 1 for reason in bad} | {"image_truncated": 1, "image_missing": 1}
+    return rows, expected
+
+
+def make_synthdog_repo(root: Path, rows: list[dict]) -> Path:
+    """``naver-clova-ix/synthdog-*`` layout: ``data/{train,validation}-*.parquet``."""
+    write_parquet_files(rows, "synthdog", [root / "data" / "train-00000-of-00001-abc.parquet"])
+    write_parquet_files(rows[:2], "synthdog", [root / "data" / "validation-00000-of-00001-def.parquet"])
+    return root
+
+
+def make_onevision_repo(root: Path, configs: dict[str, list[dict]]) -> Path:
+    """``lmms-lab/LLaVA-OneVision-Data`` layout: one folder per config plus README configs YAML."""
+    lines = ["---", "configs:"]
+    for config, rows in configs.items():
+        write_parquet_files(rows, "onevision", [root / config / "train-00000-of-00001.parquet"])
+        lines += [f"- config_name: {config}", "  data_files:", "  - split: train", f"    path: {config}/train-*"]
+    lines.append("---")
+    (root / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def onevision_rows(with_tag: bool = True, count: int = 4, with_image: bool = True) -> list[dict]:
+    prompt = "<image>\nWhat shape?" if with_tag else "What shape?"
+    return [{"id": f"ov-{i}", "image": {"bytes": png_bytes(20 + i, 20), "path": None} if with_image else None,
+             "conversations": _conversation(prompt, f"Square {i}."), "data_source": "fixture"}
+            for i in range(count)]
+
+
+def listdir_files(path: str | os.PathLike) -> list[str]:
+    return sorted(os.listdir(path))
