@@ -170,6 +170,11 @@ def apply(manifest: dict, root: Path | None = None, verbose: bool = True) -> boo
     edits_by_file: dict[str, list[dict]] = {}
     for edit in manifest.get("edits", []):
         edits_by_file.setdefault(edit["file"], []).append(edit)
+    for rel in [r for r in state["edited"] if r not in edits_by_file]:  # no longer edited: restore
+        shutil.copy2(state_dir / "originals" / rel, pkg_dir / rel)
+        drop_pycache(pkg_dir, rel)
+        state["edited"].remove(rel)
+        changed = True
     for rel, edits in edits_by_file.items():
         target = pkg_dir / rel
         backup = state_dir / "originals" / rel
