@@ -204,7 +204,7 @@ class Item:
     origin: str                # "vlm", "llm" or "new"
     file: Path | None = None   # source file
     entry: dict | None = None  # source header entry (+ "start")
-    make: callable = None      # for new tensors: () -> torch.Tensor
+    make: callable = None      # for new tensors: () -> float32 numpy array
     src: str = ""              # source tensor name
 
     @property
@@ -222,16 +222,17 @@ def source_dtype(entry: dict) -> str:
 
 
 def plan_tensors(vlm: Source, llm: Source, dtype: str, seed: int, init_std: float) -> list[Item]:
-    import torch
+    import numpy as np
 
     items = []
-    for name, (path, entry) in sorted(vlm.tensors.items()):
+    by_position = lambda kv: (str(kv[1][0]), kv[1][1]["data_offsets"][0])  # noqa: E731  (file order: long copies)
+    for name, (path, entry) in sorted(vlm.tensors.items(), key=by_position):
         out = "visual." + name.split("visual.", 1)[1]
         items.append(Item(out, dtype, entry["shape"], "vlm", path, entry, src=name))
     if not any(i.name == "visual.merger.mlp.2.weight" for i in items):
         raise MergeError(f"{vlm.root}: no visual.merger.mlp.2.weight; is this a Qwen2.5-VL checkpoint?")
     tied = llm.config.get("tie_word_embeddings", False)
-    for name, (path, entry) in sorted(llm.tensors.items()):
+    for name, (path, entry) in sorted(llm.tensors.items(), key=by_position):
         if tied and name == "lm_head.weight":
             continue
         items.append(Item(name, dtype, entry["shape"], "llm", path, entry, src=name))
@@ -243,10 +244,9 @@ def plan_tensors(vlm: Source, llm: Source, dtype: str, seed: int, init_std: floa
         raise MergeError(f"visual.merger.mlp.2 outputs {merger_out}, but vision_config.out_hidden_size is "
                          f"{vision_width}")
     hidden = llm.config["hidden_size"]
-    generator = torch.Generator().manual_seed(seed)
-    weight = lambda: torch.randn(hidden, vision_width, generator=generator) * init_std  # noqa: E731
+    weight = lambda: np.random.default_rng(seed).normal(0.0, init_std, (hidden, vision_width))  # noqa: E731
     items.append(Item("visual.merger.mlp.4.weight", dtype, [hidden, vision_width], "new", make=weight))
-    items.append(Item("visual.merger.mlp.4.bias", dtype, [hidden], "new", make=lambda: torch.zeros(hidden)))
+    items.append(Item("visual.merger.mlp.4.bias", dtype, [hidden], "new", make=lambda: np.zeros(hidden)))
     return items
 
 
@@ -294,16 +294,28 @@ def copy_range(src: Path, offset: int, length: int, dst) -> None:
     dst.seek(0, os.SEEK_END)
 
 
+def numpy_bytes(array, dtype: str) -> bytes:
+    """float32 numpy data as float32 / float16 / bfloat16 (round to nearest even) bytes, without torch."""
+    import numpy as np
+
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if dtype == "float32":
+        return array.tobytes()
+    if dtype == "float16":
+        return array.astype(np.float16).tobytes()
+    bits = array.view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16).tobytes()
+
+
 def tensor_bytes(item: Item) -> bytes:
-    """Load one source tensor (or make a new one) in the output dtype."""
+    """One new tensor, or one source tensor cast to the output dtype."""
+    if item.make is not None:
+        return numpy_bytes(item.make(), item.dtype)
     import torch
     from safetensors import safe_open
 
-    if item.make is not None:
-        tensor = item.make()
-    else:
-        with safe_open(str(item.file), framework="pt") as f:
-            tensor = f.get_tensor(item.src)
+    with safe_open(str(item.file), framework="pt") as f:
+        tensor = f.get_tensor(item.src)
     tensor = tensor.to(getattr(torch, item.dtype)).contiguous()
     return tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
 
@@ -318,13 +330,24 @@ def write_shard(path: Path, items: list[Item], progress) -> None:
     blob += b" " * (-len(blob) % 8)
     with open(path, "wb") as out:
         out.write(struct.pack("<Q", len(blob)) + blob)
+        run = None  # [file, first byte, length]: adjacent raw copies from one file become one copy
         for item in items:
             if item.make is None and source_dtype(item.entry) == item.dtype:
-                begin, end = item.entry["data_offsets"]
-                copy_range(item.file, item.entry["start"] + begin, end - begin, out)
+                begin, end = (item.entry["start"] + o for o in item.entry["data_offsets"])
+                if run and run[0] == item.file and run[1] + run[2] == begin:
+                    run[2] += end - begin
+                else:
+                    if run:
+                        copy_range(*run, out)
+                    run = [item.file, begin, end - begin]
             else:
+                if run:
+                    copy_range(*run, out)
+                    run = None
                 out.write(tensor_bytes(item))
             progress.update(item.nbytes)
+        if run:
+            copy_range(*run, out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
