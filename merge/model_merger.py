@@ -353,7 +353,13 @@ def write_shard(path: Path, items: list[Item], progress) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizer, processor, generation config
 
-def write_materials(out: Path, vlm: Source, llm: Source, materials: Path | None) -> list[str]:
+# Image area bounds the stage YAMLs train with (examples/README.md): 256 to 1280 visual tokens per image. Written into
+# the processor config so that serving and evaluation see images at the resolution training used.
+TRAIN_MIN_PIXELS, TRAIN_MAX_PIXELS = 256 * 28 * 28, 1280 * 28 * 28
+
+
+def write_materials(out: Path, vlm: Source, llm: Source, materials: Path | None,
+                    image_pixels: tuple[int, int] = (TRAIN_MIN_PIXELS, TRAIN_MAX_PIXELS)) -> list[str]:
     notes = []
     for name in TOKENIZER_FILES:
         if llm.file(name):
@@ -375,6 +381,9 @@ def write_materials(out: Path, vlm: Source, llm: Source, materials: Path | None)
         if vlm.file(name):
             cfg = json.loads(vlm.file(name).read_text())
             cfg["processor_class"] = "Qwen2_5_VLProcessor"
+            if name == "preprocessor_config.json" and all(image_pixels):
+                cfg.update(min_pixels=image_pixels[0], max_pixels=image_pixels[1])
+                cfg["size"] = {"shortest_edge": image_pixels[0], "longest_edge": image_pixels[1]}
             (out / name).write_text(json.dumps(cfg, indent=2))
     if not (out / "preprocessor_config.json").is_file():
         raise MergeError(f"{vlm.root}: no preprocessor_config.json")
@@ -398,7 +407,8 @@ def is_vision_tensor(name: str) -> bool:
 
 def merge(vlm_path: str, llm_path: str, output_path: str, materials_path: str | None = None, dtype: str = "auto",
           seed: int = 0, max_shard_size: int = 5 * 10**9, overwrite: bool = False, init_std: float = 0.02,
-          quiet: bool = False) -> dict:
+          quiet: bool = False, image_min_pixels: int = TRAIN_MIN_PIXELS,
+          image_max_pixels: int = TRAIN_MAX_PIXELS) -> dict:
     from tqdm import tqdm
 
     started = time.time()
@@ -433,7 +443,8 @@ def merge(vlm_path: str, llm_path: str, output_path: str, materials_path: str | 
             index = {"metadata": {"total_size": total},
                      "weight_map": {i.name: n for n, shard in zip(names, shards) for i in shard}}
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        notes = write_materials(staging, vlm, llm, Path(materials_path) if materials_path else None)
+        notes = write_materials(staging, vlm, llm, Path(materials_path) if materials_path else None,
+                                (image_min_pixels, image_max_pixels))
         (staging / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
         if output.exists():
             trash = output.parent / f".{output.name}.old-{os.getpid()}"
@@ -475,12 +486,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the new projector's initialisation")
     p.add_argument("--init-std", type=float, default=0.02, help="std of the new projector weight")
     p.add_argument("--max-shard-size", type=parse_size, default="5GB", help="largest output shard")
+    p.add_argument("--image-min-pixels", type=int, default=TRAIN_MIN_PIXELS,
+                   help="processor min_pixels written to the output (the stage YAMLs' image_min_pixels); 0 keeps "
+                        "the VLM's")
+    p.add_argument("--image-max-pixels", type=int, default=TRAIN_MAX_PIXELS,
+                   help="processor max_pixels written to the output (the stage YAMLs' image_max_pixels); 0 keeps "
+                        "the VLM's")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-path")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     args = p.parse_args(argv)
     try:
         merge(args.vlm_path, args.llm_path, args.output_path, args.materials_path, args.dtype, args.seed,
-              args.max_shard_size, args.overwrite, args.init_std, args.quiet)
+              args.max_shard_size, args.overwrite, args.init_std, args.quiet, args.image_min_pixels,
+              args.image_max_pixels)
     except MergeError as e:
         print(f"model_merger: error: {e}", file=sys.stderr)
         return 2

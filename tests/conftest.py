@@ -37,7 +37,8 @@ def _merged(vlm: Path, llm: Path, name: str) -> Path:
     from merge import model_merger
     out = _fixture_root() / f"{name}-{_digest(Path(model_merger.__file__), model_merger.CHAT_TEMPLATE_FILE)}"
     if not (out / "config.json").exists():
-        model_merger.merge(str(vlm), str(llm), str(out), overwrite=True, quiet=True)
+        model_merger.merge(str(vlm), str(llm), str(out), overwrite=True, quiet=True,
+                           image_min_pixels=tiny_models.MIN_PIXELS, image_max_pixels=tiny_models.MAX_PIXELS)
     return out
 
 

@@ -177,3 +177,15 @@ def test_help_lists_the_original_flags():
     for flag in ("--vlm-path", "--llm-path", "--output-path", "--materials-path", "--max-shard-size", "--dtype",
                  "--seed", "--overwrite"):
         assert flag in text
+
+
+def test_processor_gets_the_training_image_bounds(tiny_qwen25vl, tiny_qwen3, tmp_path):
+    model_merger.merge(str(tiny_qwen25vl), str(tiny_qwen3), str(tmp_path / "default"), quiet=True)
+    cfg = json.loads((tmp_path / "default/preprocessor_config.json").read_text())
+    assert (cfg["min_pixels"], cfg["max_pixels"]) == (256 * 28 * 28, 1280 * 28 * 28)
+    assert cfg["size"] == {"shortest_edge": 256 * 28 * 28, "longest_edge": 1280 * 28 * 28}
+    model_merger.merge(str(tiny_qwen25vl), str(tiny_qwen3), str(tmp_path / "keep"), quiet=True,
+                       image_min_pixels=0, image_max_pixels=0)
+    kept = json.loads((tmp_path / "keep/preprocessor_config.json").read_text())
+    source = json.loads((tiny_qwen25vl / "preprocessor_config.json").read_text())
+    assert (kept["min_pixels"], kept["max_pixels"]) == (source["min_pixels"], source["max_pixels"])
