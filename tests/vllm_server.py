@@ -22,9 +22,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 # Defaults that keep a CPU server small; callers may override any of them.
 CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -113,13 +113,15 @@ def vllm_server(
     log_file: str | os.PathLike | None = None,
     timeout_s: float = 300.0,
     stop_grace_s: float = 20.0,
+    executable: str | None = None,
 ) -> Iterator[VllmServer]:
     """Run ``vllm serve MODEL`` until the block exits; yields a :class:`VllmServer`.
 
     ``extra_args`` are appended after ``default_args`` (later flags win in argparse), ``env`` is laid over
     the current environment plus :data:`CPU_ENV_DEFAULTS`. The log goes to ``log_file`` (or a temp file).
+    ``executable`` replaces the ``vllm`` found next to the interpreter (e.g. a wrapper script).
     """
-    exe = find_vllm()
+    exe = executable or find_vllm()
     port = port or free_port(host)
     cmd = [exe, "serve", str(model), "--host", host, "--port", str(port), *default_args, *extra_args]
     if served_model_name:

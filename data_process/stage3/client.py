@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import random
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
 SAMPLE_ID_HEADER = "X-Sample-Id"
 ERROR_DETAIL_CHARS = 300
+# vLLM's 400 answer when prompt + max_tokens is too long; it states the exact prompt length.
+CONTEXT_OVERFLOW = re.compile(r"maximum context length is (\d+) tokens.*?\((\d+) in the messages", re.DOTALL)
+MESSAGE_OVERHEAD_TOKENS = 8
 
 
 class RequestFailed(Exception):
@@ -85,7 +89,7 @@ class Endpoint:
     def root_url(self) -> str:
         """Server root (vLLM's ``/tokenize`` lives there, not under ``/v1``)."""
         url = self.base_url.rstrip("/")
-        return url[: -len("/v1")] if url.endswith("/v1") else url
+        return url.removesuffix("/v1")
 
 
 class EndpointPool:
@@ -135,7 +139,7 @@ class ChatResult:
     text: str
     finish_reason: str | None
     usage: dict
-    endpoint: str
+    max_tokens: int | None  # as finally sent (after any context correction)
 
 
 class ChatClient:
@@ -144,19 +148,22 @@ class ChatClient:
     def __init__(self, base_urls: list[str], *, model: str, api_key: str = "EMPTY",
                  endpoint_policy: str = "least_busy", retry: RetryPolicy | None = None,
                  request_timeout: float = 120.0, timeout_per_token: float = 0.1,
-                 extra_body: dict | None = None, stats: Stats | None = None, seed: int = 0):
+                 extra_body: dict | None = None, stats: Stats | None = None, seed: int = 0,
+                 context_margin: int = 16):
         self.pool = EndpointPool(base_urls, endpoint_policy)
         self.model = model
         self.retry = retry or RetryPolicy()
         self.request_timeout = request_timeout
         self.timeout_per_token = timeout_per_token
         self.extra_body = dict(extra_body or {})
+        self.context_margin = context_margin
         self.stats = stats or Stats()
         self._rng = random.Random(seed)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._session: aiohttp.ClientSession | None = None
+        self._tokenize_supported = True
 
-    async def __aenter__(self) -> "ChatClient":
+    async def __aenter__(self) -> ChatClient:
         # No connection cap here: concurrency is bounded by the runner's semaphore.
         self._session = aiohttp.ClientSession(headers=self._headers, connector=aiohttp.TCPConnector(limit=0))
         return self
@@ -177,54 +184,96 @@ class ChatClient:
             except (RequestFailed, aiohttp.ClientError, asyncio.TimeoutError, ValueError) as err:
                 log.warning("could not read %s/models: %s", ep.base_url, err)
                 continue
-            for entry in data.get("data", []):
-                if entry.get("id") == self.model and isinstance(entry.get("max_model_len"), int):
-                    lengths.append(entry["max_model_len"])
+            entries = [e for e in data.get("data", []) if isinstance(e.get("max_model_len"), int)]
+            named = [e for e in entries if e.get("id") == self.model]
+            lengths += [e["max_model_len"] for e in (named or entries)]  # served under another name: all
         return min(lengths) if lengths else None
 
-    async def count_prompt_tokens(self, messages: list[dict]) -> int | None:
+    async def count_prompt_tokens(self, messages: list[dict], sample_id: str = "") -> int | None:
         """Prompt length from vLLM's ``/tokenize`` (chat template applied); None where unsupported."""
-        ep = self.pool.acquire()
-        ok = False
-        try:
-            body = {"model": self.model, "messages": messages, "add_generation_prompt": True}
-            data = await self._post_json(ep.root_url + "/tokenize", body, timeout=self.request_timeout)
-            ok = True
-            return int(data["count"])
-        except (RequestFailed, aiohttp.ClientError, asyncio.TimeoutError, KeyError, TypeError, ValueError):
+        if not self._tokenize_supported:
             return None
-        finally:
-            self.pool.release(ep, ok)
+        body = {"model": self.model, "messages": messages, "add_generation_prompt": True}
+        try:
+            data = await self._with_retries(lambda ep: ep.root_url + "/tokenize", body, sample_id=sample_id,
+                                            kind="tokenize")
+            return int(data["count"])
+        except RequestFailed as err:
+            if err.reason in ("http_404", "http_405"):
+                self._tokenize_supported = False  # not vLLM: stop asking
+            return None
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    async def fit_max_tokens(self, messages: list[dict], wanted: int | None, context_len: int | None,
+                             sample_id: str = "") -> int | None:
+        """``wanted`` lowered so that prompt + max_tokens + margin fits ``context_len``.
+
+        The prompt is measured by the server where it can (``/tokenize``), else estimated from its length;
+        for images the server's own overflow answer corrects the budget in :meth:`chat`.
+        """
+        if context_len is None:
+            return wanted
+        prompt = await self.count_prompt_tokens(messages, sample_id)
+        if prompt is None:
+            prompt = estimate_prompt_tokens(messages)
+        room = context_len - prompt - self.context_margin
+        return room if wanted is None else min(wanted, room)
+
+    async def ask(self, messages: list[dict], *, sample_id: str, max_tokens: int | None, context_len: int | None,
+                  seed: int, temperature: float | None = None, top_p: float | None = None,
+                  min_tokens: int = 1) -> ChatResult | None:
+        """One chat request with a budget that fits the context; None if fewer than ``min_tokens`` fit.
+
+        Sampling parameters left at None are not sent (the server's defaults apply).
+        """
+        budget = await self.fit_max_tokens(messages, max_tokens, context_len, sample_id)
+        if budget is not None and budget < min_tokens:
+            return None
+        optional = {"max_tokens": budget, "temperature": temperature, "top_p": top_p}
+        body = {"messages": messages, "seed": seed, **{k: v for k, v in optional.items() if v is not None}}
+        return await self.chat(body, sample_id=sample_id)
 
     async def chat(self, body: dict, *, sample_id: str) -> ChatResult:
         """POST ``/chat/completions`` with retries; raise :class:`RequestFailed` when it cannot succeed."""
         body = {"model": self.model, **body, **self.extra_body}
-        timeout = self.timeout_for(body.get("max_tokens"))
+        data = await self._with_retries(lambda ep: ep.base_url + "/chat/completions", body, sample_id=sample_id,
+                                        kind="chat")
+        return _parse_chat(data, body)
+
+    async def _with_retries(self, url_of, body: dict, *, sample_id: str, kind: str) -> dict:
         last: Endpoint | None = None
         for attempt in range(self.retry.max_retries + 1):
             ep = self.pool.acquire(avoid=last)
             last = ep
             ok = False
-            try:
+            if kind == "chat":
                 self.stats.requests += 1
-                data = await self._post_json(ep.base_url + "/chat/completions", body, timeout=timeout,
+            else:
+                self.stats.extra[f"{kind} requests"] += 1
+            try:
+                data = await self._post_json(url_of(ep), body, timeout=self.timeout_for(body.get("max_tokens")),
                                              headers={SAMPLE_ID_HEADER: sample_id})
-                result = _parse_chat(data, ep.base_url)
+                if kind == "chat":
+                    _check_chat(data)
                 ok = True
-                return result
+                return data
             except RequestFailed as err:
                 failure = err
             finally:
                 self.pool.release(ep, ok)
+            if _shrink_for_context(body, failure, self.context_margin):
+                self.stats.retried["context_overflow"] += 1
+                continue
             if not failure.retryable:
                 raise failure
-            self.stats.retried[failure.reason] += 1
             if attempt == self.retry.max_retries:
-                raise RequestFailed(failure.reason, f"gave up after {attempt + 1} attempts: {failure.detail}")
+                break
+            self.stats.retried[failure.reason] += 1
             delay = self.retry.delay(attempt, self._rng)
             log.debug("%s: %s, retry %d in %.2fs", sample_id, failure.reason, attempt + 1, delay)
             await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
+        raise RequestFailed(failure.reason, f"gave up after {self.retry.max_retries + 1} attempts: {failure.detail}")
 
     async def _get_json(self, url: str) -> dict:
         assert self._session is not None, "use `async with ChatClient(...)`"
@@ -255,11 +304,37 @@ class ChatClient:
             raise RequestFailed("bad_json", text[:ERROR_DETAIL_CHARS], retryable=True) from None
 
 
-def _parse_chat(data: dict, endpoint: str) -> ChatResult:
+def estimate_prompt_tokens(messages: list[dict]) -> int:
+    """Rough prompt length: one token per character (at least as many as BPE uses for CJK text)."""
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        parts = content if isinstance(content, list) else [{"text": content or ""}]
+        total += MESSAGE_OVERHEAD_TOKENS + sum(len(p.get("text") or "") for p in parts)
+    return total
+
+
+def _shrink_for_context(body: dict, failure: RequestFailed, margin: int) -> bool:
+    """On vLLM's context-overflow answer, lower ``max_tokens`` to what fits; True if it was lowered."""
+    match = CONTEXT_OVERFLOW.search(failure.detail) if failure.reason == "http_400" else None
+    if not match or not body.get("max_tokens"):
+        return False
+    context_len, prompt = int(match.group(1)), int(match.group(2))
+    room = context_len - prompt - margin
+    if room < 1 or room >= body["max_tokens"]:
+        return False
+    body["max_tokens"] = room
+    return True
+
+
+def _check_chat(data: dict) -> None:
     try:
-        choice = data["choices"][0]
-        message = choice["message"]
+        data["choices"][0]["message"]
     except (KeyError, IndexError, TypeError):
         raise RequestFailed("bad_response", json.dumps(data)[:ERROR_DETAIL_CHARS], retryable=True) from None
-    return ChatResult(text=message_text(message), finish_reason=choice.get("finish_reason"),
-                      usage=data.get("usage") or {}, endpoint=endpoint)
+
+
+def _parse_chat(data: dict, body: dict) -> ChatResult:
+    choice = data["choices"][0]
+    return ChatResult(text=message_text(choice["message"]), finish_reason=choice.get("finish_reason"),
+                      usage=data.get("usage") or {}, max_tokens=body.get("max_tokens"))

@@ -1,0 +1,107 @@
+"""Judge the VLM teacher's answers *with the image* and write the training parquet (stage 3, multimodal).
+
+Local checks first: one well-formed ``<think>…</think>`` block with a non-empty thought, GLM's
+``<answer>…</answer>`` wrapper (if present) well formed, balanced ``<|begin_of_box|>`` markers. The judge
+gets the image, the question, the original answer and the teacher's answer (without its thoughts).
+Verdicts are stored by sample id in ``<output>.ckpt.jsonl`` (a rerun resumes) and joined back by id, so
+out-of-order completion cannot attach a verdict to the wrong row. Kept rows become
+``{"messages": [user "<image>\\n" + question, assistant "<think>…</think>\\n\\n" + answer], "images": [image]}``.
+
+    python data_process/stage3/image/evaluate.py --input_file glm_response.parquet \\
+        --output_file ./LLaMA-Factory/data/image_thinking.parquet --api_ips host1 host2
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+
+from data_process.stage3 import cli
+from data_process.stage3.client import Stats
+from data_process.stage3.image.process import DEFAULT_MODEL, image_message
+from data_process.stage3.judge import FormatError, judge_once, judge_prompt, teacher_answer
+from data_process.stage3.prompts import NO_THINK
+from data_process.stage3.records import ParquetSink, iter_rows
+from data_process.stage3.runner import Task, fingerprint, stable_seed
+
+log = logging.getLogger("image.evaluate")
+
+
+def checked(row: dict) -> tuple[str, str]:
+    """``(training text, answer)`` of a teacher response; raise ``FormatError`` if malformed."""
+    text, answer, _ = teacher_answer(row["teacher_response"], require_thought=True)
+    return text, answer
+
+
+def make_tasks(args: argparse.Namespace, stats: Stats):
+    """Judge tasks streamed from the input (rows failing the local checks are counted, not sent)."""
+    for row in iter_rows(args.input_file):
+        if len(row["images"]) != 1 or not row["images"][0].get("bytes"):
+            stats.rejected["no_image"] += 1
+            continue
+        try:
+            _, answer = checked(row)
+        except FormatError as err:
+            stats.rejected[f"format_{err.reason}"] += 1
+            continue
+        prompt = judge_prompt(row["question"], row["reference"], answer, with_image=True)
+        prompt += NO_THINK if args.judge_no_think else ""
+        seed = stable_seed(args.seed, row["id"], "judge")
+        key = fingerprint(args.model, prompt, row["id"], args.temperature, args.top_p, args.max_tokens,
+                          args.extra_body, seed)
+        yield Task(row["id"], key, {"prompt": prompt, "image": row["images"][0]["bytes"], "seed": seed})
+
+
+async def amain(args: argparse.Namespace, logger: logging.Logger) -> int:
+    stats = Stats()
+    output = args.output_file
+    with cli.final_report(stats, output):
+        total = sum(1 for _ in iter_rows(args.input_file, ["id"]))
+
+        def factory(client, context_len):
+            async def handle(task: Task):
+                d = task.data
+                content = image_message(d["image"], d["prompt"])[0]["content"]
+                return await judge_once(client, content, sample_id=task.id, max_tokens=args.max_tokens,
+                                        context_len=context_len, temperature=args.temperature, top_p=args.top_p,
+                                        seed=d["seed"])
+            return handle
+
+        done = await cli.run_requests(args, stats, make_tasks(args, stats), factory, output, "judge", total=total)
+        with ParquetSink(output) as sink:
+            for row in iter_rows(args.input_file):  # second pass: verdicts joined by sample id
+                record = done.get(row["id"])
+                if record and record["status"] == "ok":
+                    text, _ = checked(row)
+                    sink.add({"messages": [{"role": "user", "content": "<image>\n" + row["question"]},
+                                           {"role": "assistant", "content": text}],
+                              "images": row["images"]})
+        stats.extra["input rows"] = total
+        stats.extra["kept by the judge"] = sink.rows
+        logger.info("kept %d of %d rows -> %s", sink.rows, total, output)
+    return cli.exit_code(stats)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input_file", default="glm_response.parquet", help="output of image/process.py")
+    p.add_argument("--output_file", default="glm_final.parquet")
+    cli.add_api_args(p, model_flags=("--judge_model", "--model"), model_default=DEFAULT_MODEL,
+                     extra_body_flags=("--judge_extra_body", "--extra_body"), max_tokens=4096)
+    cli.add_run_args(p, max_workers=256)
+    cli.add_sampling_args(p, temperature=None, top_p=None)
+    p.add_argument("--judge_no_think", action="store_true",
+                   help="append /no_think to the judge prompt (for Qwen3-style judges)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.script_main(parse_args, amain, "image.evaluate", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

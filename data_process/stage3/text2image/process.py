@@ -1,0 +1,173 @@
+"""Teacher generation for text-to-image distillation (stage 3).
+
+Queries come from Chinese-DeepSeek-R1-Distill-110k (``input``; reference answer ``content``) and alpaca
+(``instruction`` + ``input``; reference ``output``), each a hub id, a local copy in the hub layout or a
+JSON/JSONL/parquet file. Every query gets a thinking request; a seeded fraction also gets a ``/no_think``
+request. Every answer is appended to ``<output>.ckpt.jsonl`` as it arrives; a rerun resumes from there.
+The final JSON list (answers that stopped normally, in input order) is written atomically at the end.
+
+    python data_process/stage3/text2image/process.py --model Qwen/Qwen3-32B --api_ips host1 host2 --test_mode
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+
+from data_process.stage3 import cli
+from data_process.stage3.client import Stats
+from data_process.stage3.prompts import NO_THINK
+from data_process.stage3.records import write_json_atomic
+from data_process.stage3.runner import Outcome, Task, fingerprint, stable_seed, stable_unit
+
+DEEPSEEK = "Congliu/Chinese-DeepSeek-R1-Distill-data-110k"
+ALPACA = "tatsu-lab/alpaca"
+TEST_MODE_PER_SOURCE = 50
+
+
+def deepseek_query(row: dict) -> tuple[str, str]:
+    return row["input"], row["content"]  # the answer field is `content` (it has no `output`)
+
+
+def alpaca_query(row: dict) -> tuple[str, str]:
+    extra = (row.get("input") or "").strip()
+    query = f"{row['instruction']}\n{extra}" if extra else row["instruction"]
+    return query, row["output"]
+
+
+SOURCES = {"deepseek": (deepseek_query, ("input", "content")),
+           "alpaca": (alpaca_query, ("instruction", "input", "output"))}
+
+
+def load_rows(spec: str, limit: int | None, split: str = "train"):
+    """A ``datasets.Dataset`` from a hub id, a local hub-layout folder or a data file."""
+    from datasets import load_dataset
+
+    if os.path.isfile(spec):
+        ext = spec.rsplit(".", 1)[-1].lower()
+        builder = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv"}.get(ext)
+        if builder is None:
+            raise SystemExit(f"{spec}: unsupported file type (json, jsonl, parquet or csv)")
+        ds = load_dataset(builder, data_files=spec, split="train")
+    else:
+        ds = load_dataset(spec, split=split)
+    return ds.select(range(min(limit, len(ds)))) if limit is not None else ds
+
+
+def load_queries(args: argparse.Namespace) -> list[dict]:
+    limit = args.num_samples or (TEST_MODE_PER_SOURCE if args.test_mode else None)
+    queries = []
+    for name, spec in (("deepseek", args.deepseek_dataset), ("alpaca", args.alpaca_dataset)):
+        if not spec or spec.lower() == "none":
+            continue
+        to_query, columns = SOURCES[name]
+        rows = load_rows(spec, limit)
+        missing = [c for c in columns if c not in rows.column_names]
+        if missing:
+            raise SystemExit(f"{spec}: missing column(s) {missing} for the {name} schema; has {rows.column_names}")
+        for index, row in enumerate(rows):
+            query, reference = to_query(row)
+            if not (query or "").strip():
+                continue
+            queries.append({"id": f"{name}-{index:06d}", "source": name, "query_index": index,
+                            "query": query, "original_output": reference or ""})
+    return queries
+
+
+def build_tasks(queries: list[dict], args: argparse.Namespace) -> list[Task]:
+    """A thinking task per query, plus a ``/no_think`` task for a seeded share of the queries."""
+    tasks = []
+    for q in queries:
+        modes = ["thinking"]
+        if stable_unit(args.seed, q["id"], "no_think") < args.no_think_ratio:
+            modes.append("no_thinking")
+        for mode in modes:
+            task_id = f"{q['id']}/{mode}"
+            params = sampling(args, mode)
+            content = q["query"] + (NO_THINK if mode == "no_thinking" else "")
+            seed = stable_seed(args.seed, task_id)
+            key = fingerprint(args.model, content, params, args.max_tokens, args.extra_body, seed)
+            tasks.append(Task(task_id, key, {**q, "mode": mode, "content": content, "seed": seed, **params}))
+    return tasks
+
+
+def sampling(args: argparse.Namespace, mode: str) -> dict:
+    if mode == "thinking":
+        return {"temperature": args.think_temperature, "top_p": args.think_top_p}
+    return {"temperature": args.no_think_temperature, "top_p": args.no_think_top_p}
+
+
+def output_record(task: Task, record: dict, model: str) -> dict:
+    d, r = task.data, record["result"]
+    return {"id": task.id, "source": d["source"], "query_index": d["query_index"], "query": d["query"],
+            "original_output": d["original_output"], "response": r["response"], "mode": d["mode"],
+            "model": model, "finish_reason": r["finish_reason"], "token_usage": r["token_usage"],
+            "seed": d["seed"], "max_tokens": r["max_tokens"]}
+
+
+def make_handler(args: argparse.Namespace):
+    def factory(client, context_len):
+        async def handle(task: Task) -> Outcome:
+            d = task.data
+            res = await client.ask([{"role": "user", "content": d["content"]}], sample_id=task.id,
+                                   max_tokens=args.max_tokens, context_len=context_len, seed=d["seed"],
+                                   temperature=d["temperature"], top_p=d["top_p"], min_tokens=args.min_tokens)
+            if res is None:
+                return Outcome("rejected", "prompt_too_long")
+            result = {"response": res.text, "finish_reason": res.finish_reason, "token_usage": res.usage,
+                      "max_tokens": res.max_tokens}
+            if res.finish_reason != "stop":
+                return Outcome("rejected", f"finish_{res.finish_reason}", result)
+            return Outcome("ok", None, result)
+        return handle
+    return factory
+
+
+async def amain(args: argparse.Namespace, log: logging.Logger) -> int:
+    tasks = build_tasks(load_queries(args), args)
+    name = os.path.basename(args.model.rstrip("/"))
+    output = args.output_file or os.path.join(args.output_dir, f"generated_responses_{name}.json")
+    stats = Stats()
+    with cli.final_report(stats, output):
+        done = await cli.run_requests(args, stats, tasks, make_handler(args), output, "teacher")
+        records = [output_record(t, done[t.id], args.model) for t in tasks if done[t.id]["status"] == "ok"]
+        write_json_atomic(output, records)
+        stats.extra["queries"] = len({t.data["id"] for t in tasks})
+        stats.extra["written"] = len(records)
+        log.info("wrote %d responses to %s", len(records), output)
+    return cli.exit_code(stats)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_api_args(p, model_flags=("--model", "--model_name"), model_default=None, max_tokens=8192)
+    cli.add_run_args(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--deepseek_dataset", default=DEEPSEEK, help="hub id, local folder or file; 'none' to skip")
+    g.add_argument("--alpaca_dataset", default=ALPACA, help="hub id, local folder or file; 'none' to skip")
+    g.add_argument("--test_mode", action="store_true", help=f"first {TEST_MODE_PER_SOURCE} queries per dataset")
+    g.add_argument("--num_samples", type=int, default=None, help="first N queries per dataset")
+    g.add_argument("--output_dir", default="./")
+    g.add_argument("--output_file", default=None,
+                   help="default: <output_dir>/generated_responses_<model basename>.json")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--no_think_ratio", type=float, default=0.5, help="share of queries also asked with /no_think")
+    g.add_argument("--think_temperature", type=float, default=0.6)
+    g.add_argument("--think_top_p", type=float, default=0.95)
+    g.add_argument("--no_think_temperature", type=float, default=0.7)
+    g.add_argument("--no_think_top_p", type=float, default=0.8)
+    g.add_argument("--min_tokens", type=int, default=256,
+                   help="skip a query when less than this many tokens are left for the answer")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.script_main(parse_args, amain, "text2image.process", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
