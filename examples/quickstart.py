@@ -187,8 +187,6 @@ class Pipeline:
         from examples.make_dataset_info import dataset_info_entries
         names = sorted({n for value in self.tiny_datasets().values() for n in value.split(",")})
         entries = dataset_info_entries(names)
-        for name in ("text2image", "image_thinking"):
-            entries[name]["file_name"] = f"{name}.parquet"
         (data / "dataset_info.json").write_text(json.dumps(entries, indent=2, ensure_ascii=False))
 
     def step_serve(self) -> dict:
