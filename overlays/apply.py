@@ -256,7 +256,9 @@ def check(manifest: dict, python: str = sys.executable) -> tuple[bool, str]:
     """Run the manifest's check snippet in a fresh interpreter; (ok, last line of its output)."""
     proc = subprocess.run([python, "-c", manifest["check"]], capture_output=True, text=True,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    # success: the snippet's own last printed line; failure: the error (last line of stderr)
+    lines = (proc.stdout if proc.returncode == 0 else proc.stderr).strip().splitlines() or \
+        (proc.stdout + proc.stderr).strip().splitlines()
     return proc.returncode == 0, (lines[-1] if lines else "")
 
 
