@@ -3,9 +3,10 @@
 Measured side by side in one run, on the same input files:
   * raw: pyarrow read + write of the same bytes (iter_batches -> ParquetWriter), the I/O floor;
   * ours (the whole process_llava.py command, start-up included) with 1 and 2 processes and the default
-    --image_check structure, and 1 process with --image_check decode (full pixel decode);
+    --image_check structure, and with --image_check decode (full pixel decode, CPU-bound);
   * peak RSS (process tree) of a 1-process run at --rss_rows rows and at --rows rows (should be flat).
-The machine may be shared: raw and ours run in alternation --repeat times and each keeps its best time.
+The machine may be shared: raw and ours run in alternation --repeat times and each keeps its best time;
+CPU seconds per row (process tree, all threads) are printed too, as they depend less on the load.
 Before every timed run the previous output is deleted and dirty pages are flushed (os.sync), outside the
 timing, so no run pays for another's write-back.
 
@@ -16,6 +17,7 @@ timing, so no run pays for another's write-back.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -98,8 +100,8 @@ def settle(*outputs: Path) -> None:
     os.sync()
 
 
-def run_ours(source: Path, out: Path, processes: int, image_check: str = "structure") -> tuple[float, int]:
-    """Seconds and peak RSS (bytes, summed over the process tree) of one process_llava run."""
+def run_ours(source: Path, out: Path, processes: int, image_check: str = "structure") -> tuple[float, float, int]:
+    """Seconds, CPU seconds and peak RSS (bytes) of one process_llava run, summed over its process tree."""
     settle(out)
     cmd = [sys.executable, str(REPO / "data_process" / "process_llava.py"), "--datasets", "bench/ReCap",
            "--source", f"bench/ReCap={source}", "--output_dir", str(out), "--num_processes", str(processes),
@@ -107,26 +109,30 @@ def run_ours(source: Path, out: Path, processes: int, image_check: str = "struct
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     started = time.perf_counter()
     process = psutil.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    peak = 0
+    peak, cpu = 0, {}  # cpu: last seen user + system seconds of each process (includes its threads)
     while process.poll() is None:
-        try:
-            tree = [process, *process.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
+        rss = 0
+        for member in [process, *process.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                with member.oneshot():
+                    rss += member.memory_info().rss
+                    times = member.cpu_times()
+                    cpu[member.pid] = times.user + times.system
+        peak = max(peak, rss)
         time.sleep(0.05)
     seconds = time.perf_counter() - started
     output = process.stdout.read().decode()
     if process.returncode:
         raise SystemExit(f"process_llava failed:\n{output}")
-    return seconds, peak
+    return seconds, sum(cpu.values()), peak
 
 
-def raw_seconds(source: Path, target: Path) -> float:
+def raw_seconds(source: Path, target: Path) -> tuple[float, float]:
+    """Seconds and CPU seconds (all threads) of the raw copy."""
     settle(target)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     raw_copy(source, target)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss_rows", type=int, default=10_000,
                         help="rows of the small run the peak RSS is compared with (default: %(default)s)")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temp folder, removed after)")
-    parser.add_argument("--repeat", type=int, default=2,
-                        help="alternating rounds of raw / ours 1 proc / ours 2 procs; best time of each (default: 2)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="alternating rounds of raw / ours 1 proc / ours 2 procs; the best time of each counts "
+                             "(default: %(default)s)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     small_rows = min(args.rss_rows, args.rows)
@@ -145,18 +152,21 @@ def main(argv: list[str] | None = None) -> int:
         big, small, out = workdir / "in_big", workdir / "in_small", workdir / "out"
         size = write_input(big, args.rows)
         write_input(small, small_rows)
-        raw, one, two, rss_big = [], [], [], 0
+        runs = {"raw": [], "1proc": [], "2proc": []}  # (seconds, CPU seconds) of each round
+        rss_big = 0
         for _ in range(max(1, args.repeat)):
-            raw.append(raw_seconds(big, workdir / "raw"))
-            seconds, rss = run_ours(big, out, 1)
-            one.append(seconds)
+            runs["raw"].append(raw_seconds(big, workdir / "raw"))
+            *run, rss = run_ours(big, out, 1)
+            runs["1proc"].append(tuple(run))
             rss_big = max(rss_big, rss)
-            two.append(run_ours(big, out, 2)[0])
+            runs["2proc"].append(run_ours(big, out, 2)[:2])
         settle(workdir / "raw")
-        decode, _ = run_ours(big, out, 1, "decode")
-        _, rss_small = run_ours(small, workdir / "out_small", 1)
+        decode = run_ours(big, out, 1, "decode")[0]
+        decode_two = run_ours(big, out, 2, "decode")[0]  # CPU-bound: shows what a second process adds
+        rss_small = run_ours(small, workdir / "out_small", 1)[2]
         settle(out, workdir / "out_small")
-        raw_s, one_s, two_s = min(raw), min(one), min(two)
+        best = {name: min(times) for name, times in runs.items()}  # fastest round of each
+        raw_s, one_s, two_s = best["raw"][0], best["1proc"][0], best["2proc"][0]
         figures = {
             "rows": args.rows,
             "input_mb": round(size / 2**20, 1),
@@ -169,11 +179,13 @@ def main(argv: list[str] | None = None) -> int:
             "ratio_2proc_vs_raw": round(raw_s / two_s, 3),
             "ratio_1proc_decode_vs_raw": round(raw_s / decode, 3),
             "speedup_2proc": round(one_s / two_s, 2),
+            "speedup_2proc_decode_check": round(decode / decode_two, 2),
             f"peak_rss_mb_{small_rows}_rows": round(rss_small / 2**20, 1),
             f"peak_rss_mb_{args.rows}_rows": round(rss_big / 2**20, 1),
-            "seconds_raw_each_round": [round(x, 1) for x in raw],
-            "seconds_1proc_each_round": [round(x, 1) for x in one],
-            "seconds_2proc_each_round": [round(x, 1) for x in two],
+            **{f"cpu_us_per_row_{name}": round(cpu / args.rows * 1e6, 1) for name, (_, cpu) in best.items()},
+            # CPU seconds / wall seconds: how many of the machine's cores each run got
+            **{f"cores_used_{name}": round(cpu / seconds, 2) for name, (seconds, cpu) in best.items()},
+            **{f"seconds_{name}_each_round": [round(t, 1) for t, _ in times] for name, times in runs.items()},
             "cpu_count": os.cpu_count(),
             "load_average_1min_at_end": round(os.getloadavg()[0], 1),
         }

@@ -25,16 +25,26 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing import forkserver
 from typing import Any
 
+import pyarrow as pa
 from tqdm import tqdm
 
 from . import common
 from .naming import dataset_info_entry
-from .sources import InputFile, ShardSpec, SourceError, iter_shard_rows, plan_shards, resolve_hub_files, scan_input
+from .sources import (
+    InputFile,
+    RowBatch,
+    ShardSpec,
+    SourceError,
+    iter_shard_batches,
+    plan_shards,
+    resolve_hub_files,
+    scan_input,
+)
 
-PLAN_VERSION = 1
-PROGRESS_EVERY_ROWS = 64
+PLAN_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -110,28 +120,43 @@ def _convert_row(converter: Any, row: Any) -> Any:
         raise common.Reject("unexpected_error", f"{type(error).__name__}: {error}") from None
 
 
+def _image_values(images: list[list], batch: RowBatch) -> pa.Array:
+    """The kept rows' images as one binary array: taken in Arrow from the batch when every image is one of
+    its views, else (re-encoded or file images) built from the bytes."""
+    flat = [image for row_images in images for image in row_images]
+    found = [batch.position(image) for image in flat]
+    if found and all(f is not None and f[0] == found[0][0] for f in found):
+        values = batch.binary[found[0][0]]
+        positions = [f[1] for f in found]
+        return values if positions == list(range(len(values))) else values.take(common.int32_array(positions))
+    return pa.array(flat, pa.binary())
+
+
 def process_shard(converter: Any, spec: ShardSpec, layout: Layout, report: Callable[[int], None]) -> dict:
     """Convert one shard; write its parquet, rejects and stats (stats last: the "done" marker)."""
     started = time.time()
     writer = common.ShardWriter(layout.shard_path(spec), layout.tmp_path(spec))
     rejects = common.RejectLog(layout.rejects_path(spec), layout.name)
-    rejected, reencoded, seen, unreported = Counter(), 0, 0, 0
+    rejected, reencoded, seen = Counter(), 0, 0
     try:
-        for row_index, row in iter_shard_rows(spec, converter.columns):
-            seen += 1
-            unreported += 1
-            if unreported >= PROGRESS_EVERY_ROWS:
-                report(unreported)
-                unreported = 0
-            try:
-                result = _convert_row(converter, row)
-            except common.Reject as reject:
-                rejected[reject.reason] += 1
-                row_id = None if isinstance(row, Exception) else converter.row_id(row)
-                rejects.add(row_id, row_index, reject)
-                continue
-            writer.add(result.messages, result.images)
-            reencoded += result.reencoded
+        for batch in iter_shard_batches(spec, converter.columns):
+            messages, images = [], []
+            for row_index, row in zip(batch.indices, batch.rows):
+                try:
+                    result = _convert_row(converter, row)
+                except common.Reject as reject:
+                    rejected[reject.reason] += 1
+                    row_id = None if isinstance(row, Exception) else converter.row_id(row)
+                    rejects.add(row_id, row_index, reject)
+                    continue
+                messages.append(result.messages)
+                images.append(result.images)
+                reencoded += result.reencoded
+            if messages:
+                counts = [len(row_images) for row_images in images]
+                writer.add_table(common.output_table(messages, _image_values(images, batch), counts))
+            seen += len(batch.rows)
+            report(len(batch.rows))
         if seen < spec.num_rows:  # rows left out by --max_samples
             rejected["not_sampled"] += spec.num_rows - seen
         kept = writer.commit()
@@ -140,7 +165,7 @@ def process_shard(converter: Any, spec: ShardSpec, layout: Layout, report: Calla
         writer.abort()
         rejects.abort()
         raise
-    report(unreported + spec.num_rows - seen)
+    report(spec.num_rows - seen)
     stats = {
         "shard": spec.index,
         "file": os.path.basename(layout.shard_path(spec)) if kept else None,
@@ -173,8 +198,21 @@ def _pool_task(converter: Any, spec: ShardSpec, layout: Layout) -> dict:
     return process_shard(converter, spec, layout, _report_to_queue)
 
 
+def _worker_context(start: bool = False):
+    """Workers fork from a server that imported the pipeline once: spawn imports pyarrow again in every worker
+    (about a second each), and a plain fork is unsafe once Arrow or tqdm threads run here. ``start`` starts
+    the server now, so its imports overlap with planning."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__, f"{__package__}.rules"])
+    if start:
+        forkserver.ensure_running()
+    return context
+
+
 def _run_in_pool(converter: Any, specs: list[ShardSpec], layout: Layout, processes: int, bar: tqdm) -> None:
-    context = multiprocessing.get_context("spawn")  # no fork after pyarrow/tqdm threads exist
+    context = _worker_context()
     queue = context.Queue()
     with context.Pool(processes, initializer=_init_worker, initargs=(queue,)) as pool:
         for spec in specs:
@@ -294,11 +332,14 @@ def summary_line(summary: dict) -> str:
 def run_jobs(jobs: list[DatasetJob], options: RunOptions) -> int:
     """Run every job; a failing dataset is reported in one line and the others still run. Exit code."""
     failed = []
+    if options.num_processes > 1:
+        _worker_context(start=True)
     for job in jobs:
         try:
             summary = run_dataset(job, options)
-        except (SourceError, OSError) as error:
-            print(f"error: {job.name}: {error}", file=sys.stderr)
+        except (SourceError, OSError, pa.ArrowException) as error:
+            kind = "" if isinstance(error, SourceError) else f"{type(error).__name__}: "
+            print(f"error: {job.name}: {kind}{error}", file=sys.stderr)
             failed.append(job.name)
             continue
         print(summary_line(summary))
@@ -333,8 +374,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_output_dir: str, 
                         help="input rows per output shard; also the unit of resume (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete earlier output of the selected datasets instead of resuming it")
-    parser.add_argument("--image_check", choices=("decode", "header"), default="decode",
-                        help="decode every image before writing (default), or only check headers (faster)")
+    parser.add_argument("--image_check", choices=(*common.IMAGE_CHECKS, "header"), default="structure",
+                        help="structure (default): check JPEG/PNG structure (markers, end marker, chunk CRCs, size) "
+                             "without decoding pixels, other formats with PIL's verify(); decode: also decode every "
+                             "image (several times slower); header: old name of structure")
     parser.add_argument("--max_image_pixels", type=positive_int, default=common.DEFAULT_MAX_IMAGE_PIXELS,
                         help="reject larger images as decompression bombs (default: %(default)s)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")

@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--configs", nargs="+", default=list(ONEVISION_CONFIGS), metavar="CONFIG",
                         help="configs to convert, by config name or output name (default: all 89)")
     parser.add_argument("--local_dir", default=None,
-                        help=f"a local copy of {ONEVISION_REPO} in the hub layout (same as --source {ONEVISION_REPO}=DIR)")
+                        help=f"a local copy of {ONEVISION_REPO} in the hub layout "
+                             f"(same as --source {ONEVISION_REPO}=DIR)")
     pipeline.add_source_argument(parser)
     pipeline.add_run_arguments(parser, "./llavaonevision_converted", TEST_ROWS)
     return parser

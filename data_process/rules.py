@@ -92,12 +92,14 @@ def _require_dict(row: Any) -> dict:
 class LlavaRowConverter:
     """Rows with ``id``, ``image`` and LLaVA ``conversations`` (ReCap, OneVision, LLaVA JSON/JSONL).
 
-    ``image`` is an HF Image cell or raw bytes, or, for JSON inputs, a path read below ``image_roots``.
+    ``image`` is an HF Image cell or raw bytes, or, for JSON inputs, a path read below ``image_roots``
+    (relative paths are looked up below ``image_bases``, default the roots).
     """
 
     first_turn: str = FIRST_TURN_PREPEND
     image_policy: ImagePolicy = field(default_factory=ImagePolicy)
     image_roots: tuple[str, ...] = ()
+    image_bases: tuple[str, ...] = ()
     columns: tuple[str, ...] = ("id", "image", "conversations")
 
     def row_id(self, row: Any) -> str | None:
@@ -105,17 +107,21 @@ class LlavaRowConverter:
         return None if value is None else str(value)
 
     def load_image(self, value: Any) -> bytes:
+        if isinstance(value, list):  # LLaVA JSON may hold a one-element list of paths
+            if len(value) != 1:
+                raise Reject("multiple_images" if value else "image_missing", f"{len(value)} images")
+            value = value[0]
         data = image_value_bytes(value)
         if data is None:
             path = value.get("path") if isinstance(value, dict) else value
             if not isinstance(path, str) or not path:
                 raise Reject("image_missing")
-            data = read_image_file(path, self.image_roots)
+            data = read_image_file(path, self.image_roots, self.image_bases)
         return data
 
     def convert(self, row: Any) -> Converted:
         row = _require_dict(row)
-        if row.get("image") is None:
+        if row.get("image") in (None, []):
             raise Reject("image_missing")
         messages = conversations_to_messages(row.get("conversations"), self.first_turn)
         data, reencoded = self.image_policy.prepare(self.load_image(row["image"]))

@@ -1,7 +1,7 @@
 """Input files, shard planning and streaming row readers.
 
 A dataset is a list of ``InputFile`` (parquet, JSONL or a JSON array). ``plan_shards`` cuts it into
-contiguous row ranges that never span two files; ``iter_shard_rows`` streams one range in small batches,
+contiguous row ranges that never span two files; ``iter_shard_batches`` streams one range in small batches,
 so memory stays bounded whatever the dataset size. ``--max_samples`` draws a seeded uniform sample whose
 per-shard counts are fixed at planning time, so the selection does not depend on ``--num_processes``.
 """
@@ -9,15 +9,25 @@ per-shard counts are fixed at planning time, so the selection does not depend on
 from __future__ import annotations
 
 import codecs
+import csv
+import itertools
 import json
 import os
+import re
+import sys
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-READ_BATCH_ROWS = 64
+from . import common
+
+READ_BATCH_ROWS = 100  # the row-group size of HF image datasets
 _JSON_CHUNK_CHARS = 1 << 20
 
 
@@ -28,7 +38,7 @@ class SourceError(Exception):
 @dataclass(frozen=True)
 class InputFile:
     path: str
-    kind: str  # "parquet" | "jsonl" | "json"
+    kind: str  # "parquet" | "jsonl" | "json" | "tsv"
     rows: int
     # JSON kinds: byte offset of every `rows_per_shard`-th record (filled by `scan_input`)
     record_offsets: tuple[int, ...] = ()
@@ -55,7 +65,9 @@ def file_kind(path: str) -> str:
         return "jsonl"
     if lower.endswith(".json"):
         return "json"
-    raise SourceError(f"{path}: unsupported file type (expected .parquet, .jsonl or .json)")
+    if lower.endswith(".tsv"):
+        return "tsv"
+    raise SourceError(f"{path}: unsupported file type (expected .parquet, .jsonl, .json or .tsv)")
 
 
 # ----------------------------------------------------------------------------------------------- JSON
@@ -131,15 +143,25 @@ def _iter_json_array(path: str, byte_offset: int) -> Iterator[tuple[int, object]
             reader.pos = end
 
 
+def _iter_tsv(path: str, byte_offset: int) -> Iterator[tuple[int, object]]:
+    """Rows of a tab-separated file with a header (MMBench style) as dicts; offsets are row numbers."""
+    if byte_offset:
+        raise SourceError(f"{path}: a .tsv input is read as one shard")
+    csv.field_size_limit(sys.maxsize)  # base64 image cells are large
+    with open(path, encoding="utf-8", newline="") as handle:
+        yield from enumerate(csv.DictReader(handle, delimiter="\t"))
+
+
 def iter_json_records(path: str, kind: str, byte_offset: int = 0) -> Iterator[tuple[int, object]]:
-    reader = _iter_jsonl if kind == "jsonl" else _iter_json_array
+    """(offset, record) of a JSONL, JSON-array or TSV file, starting at ``byte_offset``."""
+    reader = {"jsonl": _iter_jsonl, "json": _iter_json_array, "tsv": _iter_tsv}[kind]
     return reader(path, byte_offset)
 
 
 # ----------------------------------------------------------------------------------------------- planning
 
 def scan_input(path: str, rows_per_shard: int) -> InputFile:
-    """Count the rows of one file (parquet: footer only; JSON: one streaming pass)."""
+    """Count the rows of one file (parquet: footer only; others: one streaming pass)."""
     kind = file_kind(path)
     if kind == "parquet":
         try:
@@ -209,7 +231,101 @@ def selected_offsets(spec: ShardSpec) -> np.ndarray | None:
 
 # ----------------------------------------------------------------------------------------------- reading
 
-def _iter_parquet_rows(spec: ShardSpec, columns: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+@dataclass
+class RowBatch:
+    """Consecutive rows of one shard (only the sampled ones under ``--max_samples``).
+
+    Parquet rows are dicts of the requested columns that exist, with binary and HF ``Image`` columns left
+    in Arrow: their cells hold zero-copy ``memoryview``s of ``binary[column]``, so a writer can ``take``
+    unchanged images from there instead of copying them through Python. JSON rows are the records as
+    parsed (a ``json.JSONDecodeError`` for a bad JSONL line).
+    """
+
+    indices: list[int]  # global row index of each row
+    rows: list[object]
+    binary: dict[str, pa.Array] = field(default_factory=dict)
+    _views: dict[int, tuple[str, int, memoryview]] = field(default_factory=dict, repr=False)
+
+    def position(self, value: object) -> tuple[str, int] | None:
+        """(column, position in ``binary[column]``) when ``value`` is one of this batch's image views."""
+        found = self._views.get(id(value))
+        return found[:2] if found is not None and found[2] is value else None
+
+
+def _is_image_type(type_: pa.DataType) -> bool:
+    if pa.types.is_struct(type_):
+        index = type_.get_field_index("bytes")
+        return index >= 0 and _is_image_type(type_.field(index).type)
+    return pa.types.is_binary(type_) or pa.types.is_large_binary(type_)
+
+
+_LARGE = (pa.types.is_large_binary, pa.types.is_large_string, pa.types.is_large_list)
+
+
+def _bounds(array: pa.Array) -> list[int]:
+    """Value offsets of a list, binary or string array (read from the buffer: ``to_numpy`` imports pandas)."""
+    if not len(array):
+        return [0]
+    width = 8 if any(is_large(array.type) for is_large in _LARGE) else 4
+    return np.frombuffer(array.buffers()[1], dtype=f"<i{width}", count=len(array) + 1,
+                         offset=array.offset * width).tolist()
+
+
+def _value_views(array: pa.Array) -> list[memoryview | None]:
+    """Zero-copy views of the values of a (large) binary or string array; None for nulls."""
+    bounds, data = _bounds(array), array.buffers()[2] if len(array) else None
+    whole = memoryview(data if data is not None else b"").cast("B")  # Arrow exports signed chars
+    views = [whole[a:b] for a, b in itertools.pairwise(bounds)]
+    if array.null_count:
+        views = [view if valid else None for view, valid in zip(views, array.is_valid().to_pylist())]
+    return views
+
+
+def _pylist(array: pa.Array) -> list:
+    """``array.to_pylist()``, built column-wise: several times faster for lists of structs of strings."""
+    type_ = array.type
+    if pa.types.is_string(type_) or pa.types.is_large_string(type_):
+        return [None if view is None else str(view, "utf-8") for view in _value_views(array)]
+    if pa.types.is_struct(type_):
+        names = [f.name for f in type_]
+        values = [dict(zip(names, row)) for row in zip(*(_pylist(array.field(i)) for i in range(len(names))))]
+    elif pa.types.is_list(type_) or pa.types.is_large_list(type_):
+        bounds = _bounds(array)
+        child = _pylist(array.values.slice(bounds[0], bounds[-1] - bounds[0]))
+        values = [child[a - bounds[0]:b - bounds[0]] for a, b in itertools.pairwise(bounds)]
+    else:
+        return array.to_pylist()
+    if array.null_count:
+        values = [value if valid else None for value, valid in zip(values, array.is_valid().to_pylist())]
+    return values
+
+
+def _record_batch(batch: pa.RecordBatch, indices: list[int]) -> RowBatch:
+    image_columns = [f.name for f in batch.schema if _is_image_type(f.type)]
+    text = batch.drop_columns(image_columns)
+    rows = [dict(zip(text.schema.names, row)) for row in zip(*map(_pylist, text.columns))] if text.num_columns \
+        else [{} for _ in range(batch.num_rows)]
+    result = RowBatch(indices, rows)
+    for name in image_columns:
+        column = batch.column(name)
+        is_struct = pa.types.is_struct(column.type)
+        values = column.field("bytes") if is_struct else column
+        views = _value_views(values)
+        result.binary[name] = values
+        result._views.update((id(v), (name, i, v)) for i, v in enumerate(views) if v is not None)
+        if is_struct:
+            has_path = column.type.get_field_index("path") >= 0
+            paths = column.field("path").to_pylist() if has_path else [None] * len(views)
+            valid = column.is_valid().to_pylist() if column.null_count else [True] * len(views)
+            cells = [{"bytes": v, "path": p} if ok else None for v, p, ok in zip(views, paths, valid)]
+        else:
+            cells = views
+        for row, cell in zip(rows, cells):
+            row[name] = cell
+    return result
+
+
+def _iter_parquet_batches(spec: ShardSpec, columns: tuple[str, ...], wanted: set[int] | None) -> Iterator[RowBatch]:
     parquet = pq.ParquetFile(localize(spec.input.path))
     present = [c for c in columns if c in parquet.schema_arrow.names]
     start, stop = spec.first_row, spec.first_row + spec.num_rows
@@ -223,38 +339,70 @@ def _iter_parquet_rows(spec: ShardSpec, columns: tuple[str, ...]) -> Iterator[tu
     position = first_group_start or 0
     for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=groups, columns=present):
         lo, hi = max(start - position, 0), min(stop - position, batch.num_rows)
-        if lo < hi:
-            for offset, row in enumerate(batch.slice(lo, hi - lo).to_pylist(), start=position + lo - start):
-                yield offset, row
+        offsets = range(position + lo - start, position + hi - start)  # within the shard
+        keep = [i for i, offset in enumerate(offsets) if wanted is None or offset in wanted]
+        if keep:
+            part = batch.slice(lo, hi - lo)
+            if len(keep) < len(offsets):
+                part = part.take(common.int32_array(keep))
+            yield _record_batch(part, [spec.global_start + offsets[i] for i in keep])
         position += batch.num_rows
         if position >= stop:
             return
 
 
-def _iter_json_rows(spec: ShardSpec) -> Iterator[tuple[int, object]]:
+def _iter_json_batches(spec: ShardSpec, wanted: set[int] | None) -> Iterator[RowBatch]:
     records = iter_json_records(localize(spec.input.path), spec.input.kind, spec.byte_offset)
+    batch = RowBatch([], [])
     for offset, (_, record) in enumerate(records):
         if offset >= spec.num_rows:
-            return
-        yield offset, record
+            break
+        if wanted is None or offset in wanted:
+            batch.indices.append(spec.global_start + offset)
+            batch.rows.append(record)
+        if len(batch.rows) == READ_BATCH_ROWS:
+            yield batch
+            batch = RowBatch([], [])
+    if batch.rows:
+        yield batch
 
 
-def iter_shard_rows(spec: ShardSpec, columns: tuple[str, ...]) -> Iterator[tuple[int, object]]:
-    """(global row index, row) for the rows of ``spec`` (only the sampled ones under ``--max_samples``).
+def read_ahead(items: Iterator, depth: int = 2) -> Iterator:
+    """``items``, produced ``depth`` items ahead in a thread (Arrow reads and decodes without the GIL)."""
+    end = object()
+    with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as thread:
+        queued = deque(thread.submit(next, items, end) for _ in range(depth))
+        while (item := queued.popleft().result()) is not end:
+            queued.append(thread.submit(next, items, end))
+            yield item
 
-    Parquet rows are dicts with the requested ``columns`` that exist; JSON rows are the records as parsed
-    (a ``json.JSONDecodeError`` for a bad JSONL line).
-    """
-    rows = _iter_parquet_rows(spec, columns) if spec.input.kind == "parquet" else _iter_json_rows(spec)
+
+def iter_shard_batches(spec: ShardSpec, columns: tuple[str, ...]) -> Iterator[RowBatch]:
+    """The rows of ``spec`` in batches of at most ``READ_BATCH_ROWS`` (see ``RowBatch``), read ahead."""
     wanted = selected_offsets(spec)
-    if wanted is None:
-        for offset, row in rows:
-            yield spec.global_start + offset, row
-        return
-    wanted_set = set(wanted.tolist())
-    for offset, row in rows:
-        if offset in wanted_set:
-            yield spec.global_start + offset, row
+    wanted = None if wanted is None else set(wanted.tolist())
+    if spec.input.kind == "parquet":
+        return read_ahead(_iter_parquet_batches(spec, columns, wanted))
+    return read_ahead(_iter_json_batches(spec, wanted))
+
+
+_SHARDED_GLOB = "*-" + "[0-9]" * 5 + "-of-" + "[0-9]" * 5 + "*.*"  # datasets' SPLIT_PATTERN_SHARDED in data/
+_SHARDED_SPLIT = re.compile(r"(.+)-[0-9]{5}-of-[0-9]{5}")
+_README_CONFIGS = re.compile(r"\A---\s*\n(?:.*\n)*?configs\s*:")
+
+
+def _sharded_layout_files(directory: str, split: str) -> list[str]:
+    """What ``datasets`` resolves for a local copy in the ``push_to_hub`` layout (``data/{split}-00000-of-00002*``,
+    its first rule) when nothing overrides it, found without importing ``datasets`` (seconds of start-up);
+    [] whenever the case is less plain, to let ``datasets`` decide."""
+    root = Path(directory).expanduser().resolve()
+    readme = root / "README.md"
+    if (root / ".huggingface.yaml").exists() or (readme.is_file() and _README_CONFIGS.match(readme.read_text("utf-8"))):
+        return []
+    splits = {path.name: _SHARDED_SPLIT.match(path.name)[1] for path in (root / "data").glob(_SHARDED_GLOB)}
+    if not all(re.fullmatch(r"\w+(\.\w+)*", s) and n.endswith(".parquet") and n[0] != "_" for n, s in splits.items()):
+        return []
+    return sorted((root / "data" / name).as_posix() for name, s in splits.items() if s == split)
 
 
 def resolve_hub_files(path_or_id: str, config: str | None = None, split: str = "train") -> list[str]:
@@ -263,7 +411,11 @@ def resolve_hub_files(path_or_id: str, config: str | None = None, split: str = "
     A local directory in the hub repo's layout resolves offline; a hub id is resolved through the hub and
     its files are downloaded one at a time by ``localize``.
     """
-    import datasets  # heavy import, only needed here
+    if config is None and os.path.isdir(path_or_id):
+        files = _sharded_layout_files(path_or_id, split)
+        if files:
+            return files
+    import datasets  # heavy import (seconds), only needed here
 
     try:
         builder = datasets.load_dataset_builder(path_or_id, name=config)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,33 +17,57 @@ from PIL import Image
 SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
 
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
 def jpeg_bytes(width: int = 64, height: int = 48, seed: int = 0, quality: int = 90) -> bytes:
     rng = np.random.default_rng(seed)
     small = (rng.random((max(1, height // 8), max(1, width // 8), 3)) * 255).astype("uint8")
-    image = Image.fromarray(small).resize((width, height), Image.BICUBIC)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
+    return encoded(Image.fromarray(small).resize((width, height), Image.BICUBIC), "JPEG", quality=quality)
 
 
 def png_bytes(width: int = 40, height: int = 30, color=(200, 30, 30)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encoded(Image.new("RGB", (width, height), color), "PNG")
 
 
 def ppm_bytes() -> bytes:
     """A format PIL reads but that is not kept as is (re-encoded to PNG)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, format="PPM")
-    return buffer.getvalue()
+    return encoded(Image.new("RGB", (8, 8), (1, 2, 3)), "PPM")
 
 
 def bomb_png_bytes() -> bytes:
     """A tiny file that declares 64 M pixels (over the 50 M default limit)."""
-    buffer = io.BytesIO()
-    Image.new("1", (8000, 8000)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encoded(Image.new("1", (8000, 8000)), "PNG")
+
+
+def png_from_chunks(width: int, height: int, raw: bytes, interlace: int = 0) -> bytes:
+    """An 8-bit RGB PNG with the given filtered scanlines ``raw``, written chunk by chunk."""
+    chunks = [(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, interlace)),
+              (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]
+    return b"\x89PNG\r\n\x1a\n" + b"".join(struct.pack(">I", len(data)) + kind + data
+                                          + struct.pack(">I", zlib.crc32(kind + data)) for kind, data in chunks)
+
+
+def image_variants() -> dict[str, bytes]:
+    """Well-formed JPEG / PNG flavours the structural check must accept (PIL decodes them all)."""
+    photo = Image.open(io.BytesIO(jpeg_bytes(96, 64, seed=3)))
+    exif = Image.Exif()
+    exif[0x010F] = "camera"
+    return {
+        "jpeg_progressive": encoded(photo, "JPEG", progressive=True),
+        "jpeg_optimized": encoded(photo, "JPEG", optimize=True, subsampling=0),
+        "jpeg_gray": encoded(photo.convert("L"), "JPEG"),
+        "jpeg_cmyk": encoded(photo.convert("CMYK"), "JPEG"),
+        "jpeg_exif_icc": encoded(photo, "JPEG", exif=exif, icc_profile=b"\0" * 300),
+        "jpeg_trailing_bytes": encoded(photo, "JPEG") + b"\0" * 40 + b"trailer",
+        "png_interlaced": png_from_chunks(1, 1, interlace=1, raw=b"\x00\x10\x20\x30"),  # PIL writes no Adam7
+        "png_16bit": encoded(Image.new("I;16", (30, 20), 999), "PNG"),
+        "png_palette": encoded(photo.convert("P"), "PNG"),
+        "png_rgba": encoded(photo.convert("RGBA"), "PNG"),
+    }
 
 
 BAD_IMAGES = {

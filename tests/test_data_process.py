@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -10,11 +11,12 @@ import sys
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data_process import common, naming, process_llava, process_onevision, process_synthdog
+from data_process import common, naming, process_llava, process_onevision, process_synthdog, sources
 from data_process.rules import FIRST_TURN_REQUIRE, conversations_to_messages
 from tests import data_fixtures as fx
 
@@ -73,17 +75,60 @@ def test_end_of_turn_image_moves_to_front_and_require_policy():
 
 @pytest.mark.parametrize("reason", sorted(fx.BAD_IMAGES))
 def test_image_policy_rejects(reason):
-    for check in ("decode", "header"):
+    for check in ("structure", "decode", "header"):
         with pytest.raises(common.Reject) as info:
             common.ImagePolicy(check=check).prepare(fx.BAD_IMAGES[reason]())
         assert info.value.reason == reason
+
+
+@pytest.mark.parametrize("name", sorted(fx.image_variants()))
+def test_structure_check_accepts_what_pil_decodes(name):
+    view = memoryview(fx.image_variants()[name])  # parquet inputs hand over zero-copy views
+    for check in common.IMAGE_CHECKS:
+        stored, reencoded = common.ImagePolicy(check=check).prepare(view)
+        assert stored is view and not reencoded
+
+
+def _patched(data: bytes, at: int, new: bytes) -> bytes:
+    return data[:at] + new + data[at + len(new):]
+
+
+def _damaged_images() -> dict[str, tuple[bytes, str]]:
+    jpeg, png = fx.jpeg_bytes(64, 48, seed=2), fx.png_bytes()
+    sof, dht = jpeg.index(b"\xff\xc0"), jpeg.index(b"\xff\xc4")
+    idat = png.index(b"IDAT")
+    return {
+        "jpeg_cut_in_scan": (jpeg[:-300], "image_truncated"),
+        "jpeg_no_end_marker": (jpeg[:-2], "image_truncated"),
+        "jpeg_bad_huffman_table": (_patched(jpeg, dht + 5, b"\x07" * 16), "image_unreadable"),
+        "jpeg_12_bit": (_patched(jpeg, sof + 4, b"\x0c"), "image_unreadable"),
+        "jpeg_bad_sampling": (_patched(jpeg, sof + 11, b"\x09"), "image_unreadable"),
+        "jpeg_zero_width": (_patched(jpeg, sof + 7, b"\x00\x00"), "image_bad_size"),
+        "jpeg_bomb": (_patched(jpeg, sof + 5, b"\xea\x60\xea\x60"), "image_too_large"),  # 60000 x 60000
+        "png_bad_checksum": (_patched(png, idat + 6, bytes([png[idat + 6] ^ 1])), "image_unreadable"),
+        "png_no_iend": (png[:-12], "image_truncated"),
+        "png_cut": (png[:len(png) // 2], "image_truncated"),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_damaged_images()))
+def test_structure_check_rejects_damage_that_decoding_rejects(name):
+    data, reason = _damaged_images()[name]
+    for check in common.IMAGE_CHECKS:
+        with pytest.raises(common.Reject) as info:
+            common.ImagePolicy(check=check).prepare(memoryview(data))
+        assert info.value.reason == reason
+    if reason in ("image_truncated", "image_unreadable"):  # PIL fails on these too (load, or verify for CRCs)
+        with pytest.raises((OSError, SyntaxError, ValueError)):
+            Image.open(io.BytesIO(data)).verify()
+            Image.open(io.BytesIO(data)).load()
 
 
 def test_image_bytes_kept_or_reencoded():
     jpeg = fx.jpeg_bytes()
     assert common.ImagePolicy().prepare(jpeg) == (jpeg, False)
     data, reencoded = common.ImagePolicy().prepare(fx.ppm_bytes())
-    assert reencoded and Image.open(__import__("io").BytesIO(data)).format == "PNG"
+    assert reencoded and Image.open(io.BytesIO(data)).format == "PNG"
 
 
 def test_image_paths_confined_to_roots(tmp_path):
@@ -98,6 +143,25 @@ def test_image_paths_confined_to_roots(tmp_path):
             common.resolve_image_path(bad, roots)
     with pytest.raises(common.Reject, match="image_not_found"):
         common.resolve_image_path("sub/missing.png", roots)
+
+
+def test_local_hub_layout_resolved_like_datasets(recap, tmp_path):
+    synthdog = fx.make_synthdog_repo(tmp_path / "synthdog", fx.synthdog_rows()[0])
+    for folder in (recap[0], synthdog):
+        for split, files in datasets.load_dataset_builder(str(folder)).config.data_files.items():
+            assert sources._sharded_layout_files(str(folder), split) == sorted(str(f) for f in files)
+    # README configs override the layout: left to `datasets`
+    (synthdog / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files: data/validation-*\n---\n")
+    assert sources._sharded_layout_files(str(synthdog), "train") == []
+    assert [Path(f).name for f in sources.resolve_hub_files(str(synthdog))] == ["validation-00000-of-00001-def.parquet"]
+
+
+def test_columnwise_pylist_matches_arrow():
+    type_ = pa.list_(pa.struct([("from", pa.string()), ("value", pa.large_string()), ("n", pa.int64())]))
+    array = pa.array([[{"from": "human", "value": None, "n": 1}, None, {"from": None, "value": "é", "n": None}],
+                      None, [], [{"from": "", "value": "", "n": 3}]], type_)
+    for part in (array, array.slice(1), array.slice(2, 2), pa.array([None, "a"]), pa.array([b"x", None])):
+        assert sources._pylist(part) == part.to_pylist()
 
 
 def test_naming():
@@ -186,15 +250,15 @@ def test_test_mode_and_settings_change(recap, tmp_path, monkeypatch):
 _KILL_SCRIPT = """
 import os, signal, sys
 from data_process import common, process_llava
-original = common.ShardWriter.add
+original = common.ShardWriter.add_table
 state = {"rows": 0}
-def add(self, *args):
-    original(self, *args)
-    state["rows"] += 1
-    if state["rows"] == int(os.environ["KILL_AT"]):
+def add_table(self, table):
+    original(self, table)
+    state["rows"] += table.num_rows
+    if state["rows"] >= int(os.environ["KILL_AT"]):
         self._flush()
         os.kill(os.getpid(), signal.SIGKILL)
-common.ShardWriter.add = add
+common.ShardWriter.add_table = add_table
 sys.exit(process_llava.main(sys.argv[1:]))
 """
 
