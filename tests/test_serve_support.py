@@ -58,10 +58,12 @@ def vllm_request(prompt: str, images: Sequence[Image.Image]) -> dict:
 def vllm_engine(model_dir: Path, dtype: str) -> Iterator[object]:
     """A `vllm.LLM` on CPU for one test module; torn down (memory and process group) on exit.
 
-    The engine is pinned explicitly: vLLM 0.9.1 CPU runs float32 only on V0, and its fallback to V0 writes
-    VLLM_USE_V1=0 into the process environment, which would otherwise leak into the next module's engine."""
+    VLLM_USE_V1 is left unset so vLLM picks the engine per model (float32 runs only on V0 on CPU). Setting it
+    at import time would bind `vllm.LLMEngine` to one engine class for the whole process, and the V0 fallback writes
+    VLLM_USE_V1=0 into the environment, which must not leak into the next module's engine."""
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in {**ENGINE_ENV, "VLLM_USE_V1": "0" if dtype == "float32" else "1"}.items():
+        mp.delenv("VLLM_USE_V1", raising=False)
+        for key, value in ENGINE_ENV.items():
             mp.setenv(key, value)
         from vllm import LLM
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
