@@ -109,13 +109,11 @@ def open_source(path_or_id: str, role: str, keep: callable, extra_files: tuple[s
         raise MergeError(f"{role} {root}: no config.json")
     source = Source(root=root, config=json.loads(config_path.read_text()))
     index_path = root / "model.safetensors.index.json"
-    if index_path.is_file():
-        shard_names = sorted({s for n, s in json.loads(index_path.read_text())["weight_map"].items() if keep(n)})
-    elif (root / "model.safetensors").is_file():
-        shard_names = ["model.safetensors"]
-    elif any(root.glob("*.bin")) or any(root.glob("*.pt")):
+    index = json.loads(index_path.read_text()) if index_path.is_file() else None
+    shard_names = sorted(shards_holding(index, {p.name for p in root.iterdir()}, keep))
+    if index is None and not shard_names and (any(root.glob("*.bin")) or any(root.glob("*.pt"))):
         raise MergeError(f"{role} {root}: only pickle weights (*.bin/*.pt) found; convert them to safetensors first")
-    else:
+    if index is None and not shard_names:
         raise MergeError(f"{role} {root}: no safetensors weights")
     for shard in shard_names:
         path = root / shard
