@@ -37,12 +37,18 @@ def split_thinking(text: str) -> tuple[str, str]:
     return thought.strip(), answer
 
 
-def clean_answer(answer: str) -> tuple[str, bool]:
-    """Strip GLM-style ``<answer>`` wrappers and box markers; return ``(text, had_box)``."""
+def strip_answer_markup(answer: str) -> tuple[str, bool]:
+    """GLM-4.1V's ``<answer>…</answer>`` wrapper and ``<|begin_of_box|>…<|end_of_box|>`` markers removed.
+
+    Returns ``(text, had_box)``; text without the markup is returned stripped, as it is. Training targets of
+    both stage-3 pipelines go through here, so the student never learns GLM's markup.
+    """
     if ANSWER_OPEN in answer or ANSWER_CLOSE in answer:
         if answer.count(ANSWER_OPEN) != 1 or answer.count(ANSWER_CLOSE) != 1:
             raise FormatError("bad_answer_tags")
         before, rest = answer.split(ANSWER_OPEN, 1)
+        if ANSWER_CLOSE not in rest:
+            raise FormatError("bad_answer_tags")
         inner, after = rest.split(ANSWER_CLOSE, 1)
         if before.strip() or after.strip():
             raise FormatError("text_outside_answer")
@@ -61,7 +67,7 @@ def teacher_answer(text: str, *, require_thought: bool) -> tuple[str, str, bool]
     thought, answer = split_thinking(text)
     if require_thought and not thought:
         raise FormatError("empty_thought")
-    answer, has_box = clean_answer(answer)
+    answer, has_box = strip_answer_markup(answer)
     return f"{THINK_OPEN}\n{thought}\n{THINK_CLOSE}\n\n{answer}", answer, has_box
 
 
@@ -74,8 +80,9 @@ class Verdict:
 def parse_verdict(text: str) -> Verdict:
     """The judge's verdict, or None with a reason; anything unclear is rejected.
 
-    Only the part after the thinking block counts (a judge's thoughts may mention both verdicts). Every line
-    of the form ``VERDICT: ...`` must say exactly PASS or FAIL, and all of them must agree.
+    Only the part after the thinking block counts (a judge's thoughts may mention both verdicts); GLM's
+    ``<answer>`` wrapper and box markers are removed first. Every line of the form ``VERDICT: ...`` must say
+    exactly PASS or FAIL, and all of them must agree.
     """
     body = text
     if THINK_CLOSE in body or THINK_OPEN in body:
@@ -84,7 +91,12 @@ def parse_verdict(text: str) -> Verdict:
         if body.count(THINK_CLOSE) != 1 or body.count(THINK_OPEN) > 1:
             return Verdict(None, "judge_bad_think_tags")
         body = body.split(THINK_CLOSE, 1)[1]
-    body = body.replace(BOX_OPEN, "").replace(BOX_CLOSE, "")
+    try:
+        body, _ = strip_answer_markup(body)
+    except FormatError as err:
+        if err.reason == "empty_answer":
+            return Verdict(None, "no_verdict")
+        return Verdict(None, f"judge_{err.reason}")
     values = set()
     for match in _VERDICT_LINE.finditer(body):
         value = _VERDICT_VALUE.match(match.group("rest"))
