@@ -152,7 +152,7 @@ def llm_config(t: dict) -> dict:
 def add_tokenizer_and_processor(vlm: Path, llm: Path) -> None:
     """Minimal processor/tokenizer files from the test fixtures (the merger copies them)."""
     sys.path.insert(0, str(REPO))
-    from tests import tiny_models
+    from examples.tiny import tiny_models
     tok = Path(tempfile.mkdtemp()) / "tok"
     tiny_models.build_tokenizer(tok, tiny_models.QWEN3_TEMPLATE)
     for f in tok.iterdir():

@@ -58,7 +58,7 @@ def mrope_section(head_dim: int) -> list[int]:
 
 def common_config(dims: dict) -> tuple[dict, dict, dict]:
     """(text fields, vision fields, token ids) shared by both models."""
-    from tests.tiny_models import IDS
+    from examples.tiny.tiny_models import IDS
     head_dim = dims["hidden"] // dims["heads"]
     text = dict(vocab_size=dims["vocab"], hidden_size=dims["hidden"], intermediate_size=dims["inter"],
                 num_hidden_layers=dims["layers"], num_attention_heads=dims["heads"],
@@ -91,7 +91,7 @@ def build_checkpoint(kind: str, dims: dict, out: Path, tokenizer_dir: Path, dtyp
         Qwen2VLVideoProcessor,
     )
 
-    from tests.tiny_models import MAX_PIXELS, MIN_PIXELS
+    from examples.tiny.tiny_models import MAX_PIXELS, MIN_PIXELS
 
     text, vision, ids = common_config(dims)
     if kind == "merge":
@@ -114,7 +114,7 @@ def build_checkpoint(kind: str, dims: dict, out: Path, tokenizer_dir: Path, dtyp
 
 def build_pair(dims: dict, work: Path, dtype: str, tokenizer_dir: Path | None) -> dict[str, Path]:
     if tokenizer_dir is None:
-        from tests.tiny_models import QWEN3_TEMPLATE, build_tokenizer
+        from examples.tiny.tiny_models import QWEN3_TEMPLATE, build_tokenizer
         tokenizer_dir = work / "tokenizer"
         if not (tokenizer_dir / "tokenizer.json").exists():
             build_tokenizer(tokenizer_dir, QWEN3_TEMPLATE)

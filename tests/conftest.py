@@ -1,4 +1,4 @@
-"""Session fixtures: tiny real-format checkpoints, built once per content of tests/tiny_models.py and cached."""
+"""Session fixtures: tiny real-format checkpoints, built once per content of examples/tiny/tiny_models.py and cached."""
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests import tiny_models  # noqa: E402
+from examples.tiny import tiny_models  # noqa: E402
 
 CACHE = Path(os.environ.get("QWEN_MERGE_TEST_CACHE", REPO / ".cache" / "test-fixtures"))
 

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from tests.test_serve_support import QUESTION, chat_prompt, hf_inputs, load_images
-from tests.vllm_server import vllm_server
+from examples.tiny.vllm_server import vllm_server
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
