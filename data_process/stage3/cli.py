@@ -116,7 +116,8 @@ async def run_requests(args: argparse.Namespace, stats: Stats, tasks, make_handl
     ``make_handler(client, context_len)`` returns the per-task coroutine function.
     """
     async with make_client(args, stats) as client:
-        context_len = args.max_model_len or await client.max_model_len()
+        server_len = await client.probe()  # fails at once, with one line, when no endpoint answers
+        context_len = args.max_model_len or server_len
         total = len(tasks) if total is None else total
         logging.getLogger(__name__).info("%d tasks, server context length %s", total, context_len)
         with Checkpoint(checkpoint_path(output)) as ckpt:
@@ -126,13 +127,18 @@ async def run_requests(args: argparse.Namespace, stats: Stats, tasks, make_handl
 
 @contextlib.contextmanager
 def final_report(stats: Stats, output: str):
-    """Print and save the statistics when the block ends, however it ends."""
-    finished = False
+    """Print and save the statistics when the block ends, however it ends (except a one-line usage error
+    before any request: ``SystemExit`` passes through alone)."""
     try:
         yield
-        finished = True
-    finally:
-        report(stats, stats_path(output), interrupted=not finished)
+    except SystemExit:
+        if stats.items:  # work had started: say what was done
+            report(stats, stats_path(output), interrupted=True)
+        raise
+    except BaseException:
+        report(stats, stats_path(output), interrupted=True)
+        raise
+    report(stats, stats_path(output), interrupted=False)
 
 
 def exit_code(stats: Stats) -> int:

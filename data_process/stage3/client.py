@@ -18,6 +18,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -27,9 +28,17 @@ log = logging.getLogger(__name__)
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
 SAMPLE_ID_HEADER = "X-Sample-Id"
 ERROR_DETAIL_CHARS = 300
-# vLLM's 400 answer when prompt + max_tokens is too long; it states the exact prompt length.
-CONTEXT_OVERFLOW = re.compile(r"maximum context length is (\d+) tokens.*?\((\d+) in the messages", re.DOTALL)
+# vLLM's 400 answers when a request does not fit the context; each states the context and the prompt length:
+#   "This model's maximum context length is 2048 tokens. However, you requested 2100 tokens (2036 in the
+#    messages, 64 in the completion). ..."                                  (text prompt + max_tokens too long)
+#   "... However, you requested 2100 tokens in the messages, ..."          (no max_tokens, prompt too long)
+#   "The decoder prompt (length 2301) is longer than the maximum model length of 2048. ..."
+#                                                          (the engine, after image tokens were added)
+_CONTEXT_LEN = re.compile(r"maximum (?:context|model) length (?:is|of) (\d+)")
+_PROMPT_LEN = re.compile(r"\((\d+) in the messages|requested (\d+) tokens in the messages|prompt \(length (\d+)\)"
+                         r"|request has (\d+) input tokens|[Pp]rompt length of (\d+)")
 MESSAGE_OVERHEAD_TOKENS = 8
+PROBE_TIMEOUT_S = 10.0
 
 
 class RequestFailed(Exception):
@@ -40,6 +49,23 @@ class RequestFailed(Exception):
         self.reason = reason
         self.detail = detail
         self.retryable = retryable
+
+
+class PromptTooLong(RequestFailed):
+    """The server says the prompt leaves fewer than the wanted tokens for the answer: a final answer for this
+    item (sending it again cannot help), unlike the failures a rerun retries."""
+
+    def __init__(self, detail: str):
+        super().__init__("prompt_too_long", detail)
+
+
+def context_overflow(detail: str) -> tuple[int, int | None] | None:
+    """``(context length, prompt tokens or None)`` from a vLLM context-overflow answer, else None."""
+    context = _CONTEXT_LEN.search(detail)
+    if context is None:
+        return None
+    prompt = _PROMPT_LEN.search(detail)
+    return int(context.group(1)), next((int(g) for g in prompt.groups() if g), None) if prompt else None
 
 
 @dataclass
@@ -55,6 +81,13 @@ class Stats:
     failed: Counter = field(default_factory=Counter)
     extra: Counter = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
+
+    def count(self, counter: str) -> None:
+        """One more request of the kind ``counter`` ("requests" are the chat requests of the report)."""
+        if counter == "requests":
+            self.requests += 1
+        else:
+            self.extra[counter] += 1
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -128,8 +161,10 @@ def endpoint_urls(api_ips: list[str], template: str) -> list[str]:
 def message_text(message: dict) -> str:
     """The assistant text, with a separately returned reasoning part put back as ``<think>…</think>``."""
     content = message.get("content") or ""
-    reasoning = message.get("reasoning_content") or message.get("reasoning")
-    if reasoning and "<think>" not in content:
+    reasoning = message.get("reasoning_content")
+    if reasoning is None:
+        reasoning = message.get("reasoning")  # the field's newer name
+    if reasoning is not None and "<think>" not in content:
         return f"<think>\n{reasoning.strip()}\n</think>\n\n{content.lstrip()}"
     return content
 
@@ -175,28 +210,52 @@ class ChatClient:
     def timeout_for(self, max_tokens: int | None) -> float:
         return self.request_timeout + self.timeout_per_token * (max_tokens or 0)
 
-    async def max_model_len(self) -> int | None:
-        """The smallest ``max_model_len`` reported by the endpoints' ``/models`` (vLLM), or None."""
-        lengths = []
+    async def probe(self) -> int | None:
+        """Ask every endpoint's ``/models`` once, at start-up; return the smallest ``max_model_len`` reported.
+
+        Endpoints that do not answer at all are dropped with a warning; when none answers, this fails at once
+        with one line (instead of every item retrying for a minute). Any HTTP answer counts as alive.
+        """
+        lengths, alive, errors = [], [], []
         for ep in self.pool.endpoints:
             try:
-                data = await self._get_json(ep.base_url + "/models")
-            except (RequestFailed, aiohttp.ClientError, asyncio.TimeoutError, ValueError) as err:
-                log.warning("could not read %s/models: %s", ep.base_url, err)
+                data = await self._get_json(ep.base_url + "/models", timeout=PROBE_TIMEOUT_S)
+            except RequestFailed as err:  # an HTTP error: the server is there (a hosted API may refuse /models)
+                alive.append(ep)
+                log.warning("%s/models: %s", ep.base_url, err.reason)
                 continue
-            entries = [e for e in data.get("data", []) if isinstance(e.get("max_model_len"), int)]
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
+                errors.append(f"{ep.base_url} ({type(err).__name__}: {err})" if str(err) else
+                              f"{ep.base_url} ({type(err).__name__})")
+                continue
+            alive.append(ep)
+            entries = [e for e in (data or {}).get("data", []) if isinstance(e, dict)
+                       and isinstance(e.get("max_model_len"), int)] if isinstance(data, dict) else []
             named = [e for e in entries if e.get("id") == self.model]
             lengths += [e["max_model_len"] for e in (named or entries)]  # served under another name: all
+        if not alive:
+            raise SystemExit(f"error: no server answers at {', '.join(errors)}; start it or fix "
+                             f"--api_ips / --api_base_template")
+        for error in errors:
+            log.warning("dropping an endpoint that does not answer: %s", error)
+        self.pool.endpoints = alive
         return min(lengths) if lengths else None
 
+    async def max_model_len(self) -> int | None:
+        """The smallest ``max_model_len`` reported by the endpoints' ``/models`` (vLLM), or None."""
+        return await self.probe()
+
     async def count_prompt_tokens(self, messages: list[dict], sample_id: str = "") -> int | None:
-        """Prompt length from vLLM's ``/tokenize`` (chat template applied); None where unsupported."""
+        """Prompt length from vLLM's ``/tokenize`` (chat template applied); None where unsupported.
+
+        For images vLLM counts one placeholder token only; the server's overflow answer corrects that.
+        """
         if not self._tokenize_supported:
             return None
         body = {"model": self.model, "messages": messages, "add_generation_prompt": True}
         try:
             data = await self._with_retries(lambda ep: ep.root_url + "/tokenize", body, sample_id=sample_id,
-                                            kind="tokenize")
+                                            count_as="tokenize requests")
             return int(data["count"])
         except RequestFailed as err:
             if err.reason in ("http_404", "http_405"):
@@ -225,44 +284,54 @@ class ChatClient:
                   min_tokens: int = 1) -> ChatResult | None:
         """One chat request with a budget that fits the context; None if fewer than ``min_tokens`` fit.
 
-        Sampling parameters left at None are not sent (the server's defaults apply).
+        "Fit" is decided before sending (``/tokenize``) and again from the server's own overflow answer (which
+        counts image tokens too). Sampling parameters left at None are not sent (the server's defaults apply).
         """
         budget = await self.fit_max_tokens(messages, max_tokens, context_len, sample_id)
         if budget is not None and budget < min_tokens:
             return None
         optional = {"max_tokens": budget, "temperature": temperature, "top_p": top_p}
         body = {"messages": messages, "seed": seed, **{k: v for k, v in optional.items() if v is not None}}
-        return await self.chat(body, sample_id=sample_id)
+        try:
+            return await self.chat(body, sample_id=sample_id, min_tokens=min_tokens)
+        except PromptTooLong as err:
+            log.info("%s: %s", sample_id, err.detail)
+            return None
 
-    async def chat(self, body: dict, *, sample_id: str) -> ChatResult:
-        """POST ``/chat/completions`` with retries; raise :class:`RequestFailed` when it cannot succeed."""
+    async def chat(self, body: dict, *, sample_id: str, min_tokens: int = 1) -> ChatResult:
+        """POST ``/chat/completions`` with retries; raise :class:`RequestFailed` when it cannot succeed
+        (:class:`PromptTooLong` when the server says fewer than ``min_tokens`` fit)."""
         body = {"model": self.model, **body, **self.extra_body}
-        data = await self._with_retries(lambda ep: ep.base_url + "/chat/completions", body, sample_id=sample_id,
-                                        kind="chat")
+        data = await self._with_retries(
+            lambda ep: ep.base_url + "/chat/completions", body, sample_id=sample_id, count_as="requests",
+            validate=_check_chat, adjust=lambda b, failure: _fit_to_server(b, failure, self.context_margin,
+                                                                          min_tokens))
         return _parse_chat(data, body)
 
-    async def _with_retries(self, url_of, body: dict, *, sample_id: str, kind: str) -> dict:
+    async def _with_retries(self, url_of, body: dict, *, sample_id: str, count_as: str,
+                            validate: Callable[[dict], None] | None = None,
+                            adjust: Callable[[dict, RequestFailed], bool] | None = None) -> dict:
+        """POST ``body`` until it succeeds. ``count_as`` names the counter each attempt adds to, ``validate``
+        raises :class:`RequestFailed` for an unusable 200 answer, ``adjust`` may change the body after a
+        failure and return True to send it again at once (it does not use up a retry)."""
         last: Endpoint | None = None
         for attempt in range(self.retry.max_retries + 1):
             ep = self.pool.acquire(avoid=last)
             last = ep
             ok = False
-            if kind == "chat":
-                self.stats.requests += 1
-            else:
-                self.stats.extra[f"{kind} requests"] += 1
+            self.stats.count(count_as)
             try:
                 data = await self._post_json(url_of(ep), body, timeout=self.timeout_for(body.get("max_tokens")),
                                              headers={SAMPLE_ID_HEADER: sample_id})
-                if kind == "chat":
-                    _check_chat(data)
+                if validate is not None:
+                    validate(data)
                 ok = True
                 return data
             except RequestFailed as err:
                 failure = err
             finally:
                 self.pool.release(ep, ok)
-            if _shrink_for_context(body, failure, self.context_margin):
+            if adjust is not None and adjust(body, failure):
                 self.stats.retried["context_overflow"] += 1
                 continue
             if not failure.retryable:
@@ -275,9 +344,9 @@ class ChatClient:
             await asyncio.sleep(delay)
         raise RequestFailed(failure.reason, f"gave up after {self.retry.max_retries + 1} attempts: {failure.detail}")
 
-    async def _get_json(self, url: str) -> dict:
+    async def _get_json(self, url: str, timeout: float = 30.0) -> dict:
         assert self._session is not None, "use `async with ChatClient(...)`"
-        async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+        async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             if resp.status != 200:
                 raise RequestFailed(f"http_{resp.status}")
             return await resp.json(content_type=None)
@@ -314,14 +383,19 @@ def estimate_prompt_tokens(messages: list[dict]) -> int:
     return total
 
 
-def _shrink_for_context(body: dict, failure: RequestFailed, margin: int) -> bool:
-    """On vLLM's context-overflow answer, lower ``max_tokens`` to what fits; True if it was lowered."""
-    match = CONTEXT_OVERFLOW.search(failure.detail) if failure.reason == "http_400" else None
-    if not match or not body.get("max_tokens"):
+def _fit_to_server(body: dict, failure: RequestFailed, margin: int, min_tokens: int) -> bool:
+    """After vLLM's context-overflow answer: lower ``max_tokens`` to what fits and return True (send again),
+    or raise :class:`PromptTooLong` when fewer than ``min_tokens`` fit; False for any other failure."""
+    overflow = context_overflow(failure.detail) if failure.reason == "http_400" else None
+    if overflow is None:
         return False
-    context_len, prompt = int(match.group(1)), int(match.group(2))
+    context_len, prompt = overflow
+    if prompt is None:
+        return False
     room = context_len - prompt - margin
-    if room < 1 or room >= body["max_tokens"]:
+    if room < max(1, min_tokens):
+        raise PromptTooLong(f"the server counts {prompt} prompt tokens, its context is {context_len}")
+    if not body.get("max_tokens") or room >= body["max_tokens"]:
         return False
     body["max_tokens"] = room
     return True

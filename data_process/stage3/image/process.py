@@ -119,7 +119,7 @@ def first_turn(row: dict) -> tuple[str, str, bytes]:
     data = image_value_bytes(images[0])
     if not data:
         raise Reject("image_without_bytes")
-    data, _ = ImagePolicy(check="header").prepare(data)
+    data, _ = ImagePolicy(check="structure").prepare(data)
     return question, reference, data
 
 

@@ -43,9 +43,13 @@ SOURCES = {"deepseek": (deepseek_query, ("input", "content")),
            "alpaca": (alpaca_query, ("instruction", "input", "output"))}
 
 
-def load_rows(spec: str, limit: int | None, split: str = "train"):
+def load_rows(spec: str, limit: int | None, split: str = "train", progress: bool = True):
     """A ``datasets.Dataset`` from a hub id, a local hub-layout folder or a data file."""
+    import datasets
     from datasets import load_dataset
+
+    if not progress:
+        datasets.disable_progress_bars()
 
     if os.path.isfile(spec):
         ext = spec.rsplit(".", 1)[-1].lower()
@@ -65,7 +69,7 @@ def load_queries(args: argparse.Namespace) -> list[dict]:
         if not spec or spec.lower() == "none":
             continue
         to_query, columns = SOURCES[name]
-        rows = load_rows(spec, limit)
+        rows = load_rows(spec, limit, progress=not args.no_progress)
         missing = [c for c in columns if c not in rows.column_names]
         if missing:
             raise SystemExit(f"{spec}: missing column(s) {missing} for the {name} schema; has {rows.column_names}")
