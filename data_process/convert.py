@@ -10,13 +10,18 @@
 
 The ``*-to-parquet`` commands run through the same pipeline as the hub scripts (rules, image checks,
 stats/rejects, resume, ``--num_processes``). Image paths are only read below ``--image-roots`` (or
-``$QWEN_MERGE_IMAGE_ROOTS``); anything else is rejected with ``image_path_outside_roots``.
+``$QWEN_MERGE_IMAGE_ROOTS``); anything else is rejected with ``image_path_outside_roots``. A record that
+cannot be read (not UTF-8: ``bad_utf8``; a lone surrogate escape: ``bad_unicode``; bad JSON) is one counted
+reject. Exit status 1 when nothing at all was kept (the error line says why and what to pass), 2 for a
+missing input.
+
+The JSON-to-JSON commands (``llava-to-dj``, ``dj-to-llava``) copy every record or stop: a record they
+cannot read is one error line naming its byte, and the output file is not written.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import io
@@ -28,14 +33,24 @@ from collections.abc import Iterable, Iterator
 if __package__ in (None, ""):
     import _bootstrap  # noqa: F401
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from data_process import common, pipeline
-from data_process.formats import (DEFAULT_CAPTION_PROMPT, DjRowConverter, DjTokens, MmbenchRowConverter,
-                                  dj_to_llava, llava_to_dj)
+from data_process import pipeline
+from data_process.errors import Reject, SourceError
+from data_process.files import atomic_output
+from data_process.formats import (
+    DEFAULT_CAPTION_PROMPT,
+    DjRowConverter,
+    DjTokens,
+    MmbenchRowConverter,
+    dj_to_llava,
+    llava_to_dj,
+)
+from data_process.paths import IMAGE_ROOTS_ENV, image_roots
 from data_process.rules import LlavaRowConverter, messages_to_conversations
-from data_process.sources import SourceError, iter_json_records
+from data_process.sources import iter_json_records
 
 TEST_ROWS = 1000
 SINGLE_SHARD = 1 << 62
@@ -43,20 +58,11 @@ SINGLE_SHARD = 1 << 62
 
 # ----------------------------------------------------------------------------------------------- writers
 
-@contextlib.contextmanager
-def _atomic_output(path: str):
-    tmp_path = f"{path}.partial"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp_path, "w", encoding="utf-8") as handle:
-        yield handle
-    os.replace(tmp_path, path)
-
-
 def write_records(path: str, records: Iterable[dict]) -> int:
     """Stream records to ``path``: a JSON array for ``.json``, one object a line otherwise."""
     as_array = path.lower().endswith(".json")
     count = 0
-    with _atomic_output(path) as handle:
+    with atomic_output(path) as handle:
         handle.write("[\n" if as_array else "")
         for record in records:
             if as_array and count:
@@ -70,9 +76,12 @@ def write_records(path: str, records: Iterable[dict]) -> int:
 
 def read_records(path: str) -> Iterator[dict]:
     kind = "json" if path.lower().endswith(".json") else "jsonl"
-    for _, record in iter_json_records(path, kind):
+    for offset, record in iter_json_records(path, kind):
+        if isinstance(record, Reject):
+            raise SourceError(f"{path}: record at byte {offset}: {record} (llava-to-parquet skips and counts such "
+                              "records)")
         if isinstance(record, Exception):
-            raise SourceError(f"{path}: invalid JSON line ({record})")
+            raise SourceError(f"{path}: invalid JSON line at byte {offset} ({record})")
         yield record
 
 
@@ -92,10 +101,8 @@ def export_image(data: bytes, folder: str) -> str:
     name = f"{hashlib.sha1(data).hexdigest()}.{'jpg' if image_format in ('jpeg', 'mpo') else image_format}"
     path = os.path.join(folder, name)
     if not os.path.exists(path):
-        os.makedirs(folder, exist_ok=True)
-        with open(f"{path}.partial", "wb") as handle:
+        with atomic_output(path, "wb") as handle:
             handle.write(data)
-        os.replace(f"{path}.partial", path)
     return name
 
 
@@ -103,8 +110,16 @@ def parquet_to_llava_records(path: str, image_folder: str) -> Iterator[dict]:
     """Our parquet rows as LLaVA records; images are exported to ``image_folder``."""
     index = 0
     for file in parquet_files(path):
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=64, columns=["messages", "images"]):
-            for row in batch.to_pylist():
+        try:
+            batches = pq.ParquetFile(file).iter_batches(batch_size=64, columns=["messages", "images"])
+        except (OSError, pa.ArrowException) as error:
+            raise SourceError(f"{file}: not a readable parquet file with messages and images ({error})") from None
+        for batch in batches:
+            try:
+                rows = batch.to_pylist()
+            except UnicodeDecodeError as error:
+                raise SourceError(f"{file}: a string near row {index} is not UTF-8 ({error.reason})") from None
+            for row in rows:
                 images = row["images"] or []
                 if len(images) != 1:
                     raise SourceError(f"{file}: row with {len(images)} images; LLaVA records hold one")
@@ -125,7 +140,7 @@ def _tokens(args: argparse.Namespace) -> DjTokens:
 
 
 def _roots(args: argparse.Namespace) -> tuple[str, ...]:
-    return common.image_roots(args.image_roots)
+    return image_roots(args.image_roots)
 
 
 def _to_parquet(args: argparse.Namespace, converter, rows_per_shard: int | None = None) -> int:
@@ -201,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--output", required=True, help="output file (.json: JSON array, else JSONL)")
         if roots:
             sub.add_argument("--image-roots", "--image_roots", dest="image_roots", nargs="+", default=None,
-                             help=f"folders images may be read from (default: ${common.IMAGE_ROOTS_ENV})")
+                             help=f"folders images may be read from (default: ${IMAGE_ROOTS_ENV})")
         if dj:
             sub.add_argument("--image_token", default="<__dj__image>", help="DJ image token (default: %(default)s)")
             sub.add_argument("--eoc_token", default="<|__dj__eoc|>",
@@ -236,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (SourceError, common.Reject, OSError, KeyError, TypeError) as error:
+    except (SourceError, Reject, OSError, KeyError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

@@ -16,6 +16,10 @@ are taken in row order in the main process, so the output does not depend on the
 ``<output_dir>/<name>/`` with one shard per input shard (same file names, empty ones left out),
 ``_stats/<name>/filter_summary.json`` (kept/removed per op) and ``filter_removed.jsonl`` (one line per
 removed row: file, row, op, detail). The dedup indexes grow with the number of kept rows.
+
+A row whose text is not UTF-8 is removed before the ops, counted under ``unreadable`` (op ``input`` in the
+log): rows_in = kept + removed by the ops + unreadable. Exit status 1, with one error line naming the op
+that removed most, when no row is kept.
 """
 
 from __future__ import annotations
@@ -30,14 +34,16 @@ import sys
 if __package__ in (None, ""):
     import _bootstrap  # noqa: F401
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 from tqdm import tqdm
 
-from data_process import common
+from data_process.errors import Reject, SourceError
+from data_process.files import atomic_output, update_dataset_info, write_json_atomic
 from data_process.filter_ops import OPS, Sample, is_dedup
 from data_process.naming import dataset_info_entry
-from data_process.sources import SourceError
+from data_process.parquet_out import open_parquet_writer
 
 DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "default_filter.yaml")
 
@@ -82,17 +88,36 @@ def _measure_row(sample: Sample, ops: list) -> list:
         try:
             results.append(op.signature(sample) if is_dedup(op) else op.stat(sample))
         except Exception as error:  # an unreadable image, say: the op removes the row
-            results.append(common.Reject("measure_error", f"{type(error).__name__}: {error}"))
+            results.append(Reject("measure_error", f"{type(error).__name__}: {error}"))
     return results
 
 
-def _measure_row_group(task: tuple[str, int, int]) -> list[list]:
-    """Per row of one row group: for each op its stat (filters) or signature (dedup)."""
+def _messages(column: pa.ChunkedArray) -> list[list | Reject]:
+    """The ``messages`` cells; a row whose text is not UTF-8 is a ``bad_utf8`` Reject (Arrow reads it as is)."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    cells = []
+    for i in range(len(column)):
+        try:
+            cells.append(column.slice(i, 1).to_pylist()[0])
+        except UnicodeDecodeError as error:
+            cells.append(Reject("bad_utf8", f"text is not UTF-8 near {error.object[error.start:error.start + 20]!r}"))
+    return cells
+
+
+def _measure_row_group(task: tuple[str, int, int]) -> list[list | Reject]:
+    """Per row of one row group: for each op its stat (filters) or signature (dedup); a Reject for a row
+    that cannot be read."""
     path, group, _ = task
     text_scope, ops = _worker_state
     table = pq.ParquetFile(path).read_row_group(group, columns=["messages", "images"])
     out = []
-    for messages, images in zip(table.column("messages").to_pylist(), table.column("images").to_pylist()):
+    for messages, images in zip(_messages(table.column("messages")), table.column("images").to_pylist()):
+        if isinstance(messages, Reject):
+            out.append(messages)
+            continue
         sample = Sample(messages or [], [img["bytes"] for img in images or [] if img and img["bytes"]], text_scope)
         out.append(_measure_row(sample, ops))
     return out
@@ -106,13 +131,19 @@ class FilterRun:
         self.indexes = [op.new_index() if is_dedup(op) else None for op in ops]
         self.reached = [0] * len(ops)
         self.removed = [0] * len(ops)
+        self.unreadable: dict[str, int] = {}
         self.removed_log = removed_log
 
-    def keep(self, results: list, file_name: str, row: int) -> bool:
+    def keep(self, results: list | Reject, file_name: str, row: int) -> bool:
         ref = f"{file_name}:{row}"
+        if isinstance(results, Reject):  # not measured: the row cannot be read
+            self.unreadable[results.reason] = self.unreadable.get(results.reason, 0) + 1
+            record = {"file": file_name, "row": row, "op": "input", "reason": results.reason, "detail": results.detail}
+            self.removed_log.write(json.dumps(record, ensure_ascii=False) + "\n")
+            return False
         for i, (op, result) in enumerate(zip(self.ops, results)):
             self.reached[i] += 1
-            if isinstance(result, common.Reject):
+            if isinstance(result, Reject):
                 detail = result.detail
             elif self.indexes[i] is not None:
                 first = self.indexes[i].seen(result, ref)
@@ -130,7 +161,8 @@ class FilterRun:
         ops = [{"op": op.name, "params": {k: v for k, v in vars(op).items() if not k.startswith("_")},
                 "rows_in": n, "removed": r, "kept": n - r}
                for op, n, r in zip(self.ops, self.reached, self.removed)]
-        return {"rows_in": rows_in, "kept": kept, "ops": json.loads(json.dumps(ops, default=str))}
+        return {"rows_in": rows_in, "kept": kept, "unreadable": dict(sorted(self.unreadable.items())),
+                "ops": json.loads(json.dumps(ops, default=str))}
 
 
 def input_files(path: str) -> list[str]:
@@ -139,9 +171,12 @@ def input_files(path: str) -> list[str]:
     else:
         files = [path] if path.endswith(".parquet") else []
     if not files:
-        raise SourceError(f"{path}: no parquet shards")
+        raise SourceError(f"{path}: no parquet shards" if os.path.exists(path) else f"{path}: no such file or folder")
     for file in files:
-        names = pq.ParquetFile(file).schema_arrow.names
+        try:
+            names = pq.ParquetFile(file).schema_arrow.names
+        except (OSError, pa.ArrowException) as error:
+            raise SourceError(f"{file}: not a readable parquet file ({error})") from None
         if "messages" not in names or "images" not in names:
             raise SourceError(f"{file}: needs 'messages' and 'images' columns (has {', '.join(names)})")
     return files
@@ -163,29 +198,31 @@ def run_filter(input_path: str, recipe_path: str, output_dir: str, name: str, nu
             first_row += metadata.row_group(group).num_rows
         total += first_row
     removed_path = os.path.join(stats_dir, "filter_removed.jsonl")
-    os.makedirs(stats_dir, exist_ok=True)
     rows_in = kept = 0
-    with open(removed_path + ".partial", "w", encoding="utf-8") as removed_log, \
-            tqdm(total=total, unit="row", desc=name, disable=not progress, dynamic_ncols=True) as bar, \
-            _measurements(tasks, text_scope, ops, num_processes) as measured:
-        run = FilterRun(ops, removed_log)
-        output = _OutputShards(output_dir, name)
-        for (path, group, first_row), results in zip(tasks, measured):
-            file_name = os.path.basename(path)
-            keep = [r for r, res in enumerate(results) if run.keep(res, file_name, first_row + r)]
-            rows_in += len(results)
-            kept += len(keep)
-            bar.update(len(results))
-            if keep:
-                table = pq.ParquetFile(path).read_row_group(group)
-                output.write(file_name, table.take(keep))
-        output.close()
-    os.replace(removed_path + ".partial", removed_path)
+    output = _OutputShards(output_dir, name)
+    try:
+        with atomic_output(removed_path) as removed_log, \
+                tqdm(total=total, unit="row", desc=name, disable=not progress, dynamic_ncols=True) as bar, \
+                _measurements(tasks, text_scope, ops, num_processes) as measured:
+            run = FilterRun(ops, removed_log)
+            for (path, group, first_row), results in zip(tasks, measured):
+                file_name = os.path.basename(path)
+                keep = [r for r, res in enumerate(results) if run.keep(res, file_name, first_row + r)]
+                rows_in += len(results)
+                kept += len(keep)
+                bar.update(len(results))
+                if keep:
+                    table = pq.ParquetFile(path).read_row_group(group)
+                    output.write(file_name, table.take(keep))
+            output.close()
+    except BaseException:
+        output.abort()
+        raise
     summary = {"name": name, "input": input_path, "recipe": recipe_path, "text_scope": text_scope,
                **run.summary(rows_in, kept)}
-    common.write_json_atomic(os.path.join(stats_dir, "filter_summary.json"), summary)
+    write_json_atomic(os.path.join(stats_dir, "filter_summary.json"), summary)
     if kept:
-        common.update_dataset_info(output_dir, {name: dataset_info_entry(name)})
+        update_dataset_info(output_dir, {name: dataset_info_entry(name)})
     return summary
 
 
@@ -200,7 +237,7 @@ class _OutputShards:
         if self.current is None or self.current[0] != file_name:
             self.close()
             tmp = os.path.join(self.output_dir, ".tmp", f"{self.name}-{file_name}.partial")
-            self.current = (file_name, common.open_parquet_writer(tmp, table.schema), tmp)
+            self.current = (file_name, open_parquet_writer(tmp, table.schema), tmp)
         self.current[1].write_table(table)
 
     def close(self) -> None:
@@ -212,6 +249,14 @@ class _OutputShards:
         os.makedirs(os.path.dirname(final), exist_ok=True)
         os.replace(tmp, final)
         self.current = None
+
+    def abort(self) -> None:
+        """Drop the shard being written (finished shards stay: they are complete)."""
+        if self.current is not None:
+            _, writer, tmp = self.current
+            self.current = None
+            writer.close()
+            os.remove(tmp)
 
 
 class _measurements:
@@ -257,8 +302,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"{args.name}: kept {summary['kept']:,} of {summary['rows_in']:,} rows")
+    for reason, count in summary["unreadable"].items():
+        print(f"  unreadable ({reason}): {count:,} removed")
     for op in summary["ops"]:
         print(f"  {op['op']}: {op['rows_in']:,} in, {op['removed']:,} removed, {op['kept']:,} kept")
+    if summary["rows_in"] and not summary["kept"]:
+        worst = max(summary["ops"], key=lambda op: op["removed"])
+        print(f"error: {args.name}: kept 0 of {summary['rows_in']:,} rows; {worst['op']} removed "
+              f"{worst['removed']:,} (params {json.dumps(worst['params'])}): check the recipe {args.recipe}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

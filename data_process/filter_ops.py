@@ -20,7 +20,7 @@ from typing import Any
 
 from PIL import Image
 
-from .common import IMAGE_PLACEHOLDER
+from .parquet_out import IMAGE_PLACEHOLDER
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1 << 10, "KIB": 1 << 10, "MB": 1 << 20, "MIB": 1 << 20, "GB": 1 << 30,
                "GIB": 1 << 30, "TB": 1 << 40, "TIB": 1 << 40}
@@ -29,8 +29,9 @@ _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 _NON_WORD = re.compile(r"[^\w]+")
 
 
-def parse_size(value: Any) -> int:
-    """``"10KB"`` -> 10240 (units are powers of 1024, as in Data-Juicer)."""
+def parse_binary_size(value: Any) -> int:
+    """``"10KB"`` -> 10240: units are powers of 1024, as in Data-Juicer's recipes (unlike the merger's
+    ``parse_decimal_size``, where GB is 10**9 as on the HF hub)."""
     match = _SIZE.match(str(value))
     if not match or match.group(2).upper() not in _SIZE_UNITS:
         raise ValueError(f"bad size {value!r} (examples: 0, 512KB, 2MB, 1TB)")
@@ -184,7 +185,7 @@ class ImageSizeFilter(ImageFilter):
     name = "image_size_filter"
 
     def __init__(self, min_size: str = "0", max_size: str = "1TB", any_or_all: str = "any"):
-        super().__init__(parse_size(min_size), parse_size(max_size), any_or_all)
+        super().__init__(parse_binary_size(min_size), parse_binary_size(max_size), any_or_all)
 
     def image_stats(self, sample: Sample) -> list:
         return [len(data) for data in sample.image_bytes]

@@ -15,7 +15,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .common import IMAGE_PLACEHOLDER, ImagePolicy, Reject
+from .errors import Reject
+from .images import ImagePolicy
+from .parquet_out import IMAGE_PLACEHOLDER
 from .rules import Converted, LlavaRowConverter
 
 DJ_IMAGE_TOKEN = "<__dj__image>"

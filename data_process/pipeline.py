@@ -11,12 +11,17 @@ LLaMA-Factory reads every file of a ``file_name`` folder)::
     _stats/<name>/summary.json              totals: rows_in = kept + sum(rejected), always
     .tmp/                                   partial files while a shard is being written
     dataset_info.json                       merged entries of every finished output
+
+Exit status of ``run_jobs``: 1 when a dataset failed or kept no row at all (unless the job says it may be
+empty, as text-only OneVision configs are), after one ``error:`` line that names the main reject reason and
+what to pass; a reason that drops half the rows or more is a ``warning:`` line. Otherwise 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import multiprocessing
 import os
 import shutil
@@ -31,18 +36,13 @@ from typing import Any
 import pyarrow as pa
 from tqdm import tqdm
 
-from . import common
+from .errors import Reject, SourceError
+from .files import read_json, update_dataset_info, write_json_atomic
+from .images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_CHECKS, ImagePolicy
 from .naming import dataset_info_entry
-from .sources import (
-    InputFile,
-    RowBatch,
-    ShardSpec,
-    SourceError,
-    iter_shard_batches,
-    plan_shards,
-    resolve_hub_files,
-    scan_input,
-)
+from .parquet_out import RejectLog, ShardWriter, int32_array, output_table
+from .paths import IMAGE_ROOTS_ENV
+from .sources import InputFile, RowBatch, ShardSpec, iter_shard_batches, plan_shards, resolve_hub_files, scan_input
 
 PLAN_VERSION = 2
 
@@ -56,6 +56,7 @@ class DatasetJob:
     location: str = ""  # hub id or local dir in the hub layout, resolved with `datasets`
     config: str | None = None
     files: tuple[str, ...] = ()  # explicit input files instead of `location`
+    may_be_empty: bool = False  # keeping no row is expected (text-only configs), not a failure
 
     def input_files(self) -> list[str]:
         return list(self.files) if self.files else resolve_hub_files(self.location, self.config)
@@ -106,18 +107,27 @@ class Layout:
     def rejects_path(self, spec: ShardSpec) -> str:
         return os.path.join(self.stats_dir, f"shard-{spec.index:05d}.rejects.jsonl")
 
+    def rejects_tmp_path(self, spec: ShardSpec) -> str:
+        return os.path.join(self.output_dir, ".tmp", f"{self.name}-{spec.index:05d}.rejects.jsonl.partial")
+
+    def leftovers(self) -> list[str]:
+        """Partial files of this dataset in ``.tmp`` (a killed or failed run leaves them)."""
+        return glob.glob(os.path.join(self.output_dir, ".tmp", f"{glob.escape(self.name)}-*.partial"))
+
 
 # ----------------------------------------------------------------------------------------------- one shard
 
 def _convert_row(converter: Any, row: Any) -> Any:
+    if isinstance(row, Reject):  # the reader could not read this row (bad_utf8, bad_unicode)
+        raise row
     if isinstance(row, Exception):  # a JSONL line that did not parse
-        raise common.Reject("invalid_json", str(row))
+        raise Reject("invalid_json", str(row))
     try:
         return converter.convert(row)
-    except common.Reject:
+    except Reject:
         raise
     except Exception as error:  # bad data must not stop a run; the reason says what happened
-        raise common.Reject("unexpected_error", f"{type(error).__name__}: {error}") from None
+        raise Reject("unexpected_error", f"{type(error).__name__}: {error}") from None
 
 
 def _image_values(images: list[list], batch: RowBatch) -> pa.Array:
@@ -128,15 +138,15 @@ def _image_values(images: list[list], batch: RowBatch) -> pa.Array:
     if found and all(f is not None and f[0] == found[0][0] for f in found):
         values = batch.binary[found[0][0]]
         positions = [f[1] for f in found]
-        return values if positions == list(range(len(values))) else values.take(common.int32_array(positions))
+        return values if positions == list(range(len(values))) else values.take(int32_array(positions))
     return pa.array(flat, pa.binary())
 
 
 def process_shard(converter: Any, spec: ShardSpec, layout: Layout, report: Callable[[int], None]) -> dict:
     """Convert one shard; write its parquet, rejects and stats (stats last: the "done" marker)."""
     started = time.time()
-    writer = common.ShardWriter(layout.shard_path(spec), layout.tmp_path(spec))
-    rejects = common.RejectLog(layout.rejects_path(spec), layout.name)
+    writer = ShardWriter(layout.shard_path(spec), layout.tmp_path(spec))
+    rejects = RejectLog(layout.rejects_path(spec), layout.name, layout.rejects_tmp_path(spec))
     rejected, reencoded, seen = Counter(), 0, 0
     try:
         for batch in iter_shard_batches(spec, converter.columns):
@@ -144,9 +154,10 @@ def process_shard(converter: Any, spec: ShardSpec, layout: Layout, report: Calla
             for row_index, row in zip(batch.indices, batch.rows):
                 try:
                     result = _convert_row(converter, row)
-                except common.Reject as reject:
+                except Reject as reject:
                     rejected[reject.reason] += 1
-                    row_id = None if isinstance(row, Exception) else converter.row_id(row)
+                    parsed = row.record if isinstance(row, Reject) else None if isinstance(row, Exception) else row
+                    row_id = None if parsed is None else converter.row_id(parsed)
                     rejects.add(row_id, row_index, reject)
                     continue
                 messages.append(result.messages)
@@ -154,7 +165,7 @@ def process_shard(converter: Any, spec: ShardSpec, layout: Layout, report: Calla
                 reencoded += result.reencoded
             if messages:
                 counts = [len(row_images) for row_images in images]
-                writer.add_table(common.output_table(messages, _image_values(images, batch), counts))
+                writer.add_table(output_table(messages, _image_values(images, batch), counts))
             seen += len(batch.rows)
             report(len(batch.rows))
         if seen < spec.num_rows:  # rows left out by --max_samples
@@ -178,7 +189,7 @@ def process_shard(converter: Any, spec: ShardSpec, layout: Layout, report: Calla
         "seconds": round(time.time() - started, 3),
     }
     assert stats["rows_in"] == kept + sum(rejected.values()), stats
-    common.write_json_atomic(layout.stats_path(spec), stats)
+    write_json_atomic(layout.stats_path(spec), stats)
     return stats
 
 
@@ -234,7 +245,7 @@ def _run_in_pool(converter: Any, specs: list[ShardSpec], layout: Layout, process
 # ----------------------------------------------------------------------------------------------- one dataset
 
 def _shard_done(layout: Layout, spec: ShardSpec) -> bool:
-    stats = common.read_json(layout.stats_path(spec))
+    stats = read_json(layout.stats_path(spec))
     return stats is not None and (stats["file"] is None or os.path.exists(layout.shard_path(spec)))
 
 
@@ -252,7 +263,7 @@ def _plan_record(job: DatasetJob, inputs: list[InputFile], options: RunOptions) 
 
 
 def _check_resumable(layout: Layout, plan: dict) -> None:
-    previous = common.read_json(layout.plan_path)
+    previous = read_json(layout.plan_path)
     if previous is None:
         if os.path.isdir(layout.shard_dir) and os.listdir(layout.shard_dir):
             raise SourceError(f"{layout.shard_dir} exists and was not written by this tool: pass --overwrite")
@@ -270,7 +281,7 @@ def _remove_outputs(layout: Layout) -> None:
 def _summarise(job: DatasetJob, layout: Layout, specs: list[ShardSpec]) -> dict:
     rejected, totals, files = Counter(), Counter(), []
     for spec in specs:
-        stats = common.read_json(layout.stats_path(spec))
+        stats = read_json(layout.stats_path(spec))
         rejected.update(stats["rejected"])
         totals.update(rows_in=stats["rows_in"], kept=stats["kept"], reencoded_images=stats["reencoded_images"])
         if stats["file"]:
@@ -297,29 +308,30 @@ def run_dataset(job: DatasetJob, options: RunOptions) -> dict:
     specs = plan_shards(inputs, options.rows_per_shard, options.limit, options.max_samples, options.seed)
     plan = _plan_record(job, inputs, options)
     _check_resumable(layout, plan)
-    common.write_json_atomic(layout.plan_path, plan)
+    write_json_atomic(layout.plan_path, plan)
 
     pending = [spec for spec in specs if not _shard_done(layout, spec)]
     total_rows = sum(spec.num_rows for spec in specs)
     done_rows = total_rows - sum(spec.num_rows for spec in pending)
-    with tqdm(total=total_rows, initial=done_rows, unit="row", desc=job.name, disable=not options.progress,
-              dynamic_ncols=True) as bar:
-        processes = min(options.num_processes, len(pending))
-        if processes > 1:
-            _run_in_pool(job.converter, pending, layout, processes, bar)
-        else:
-            for spec in pending:
-                process_shard(job.converter, spec, layout, bar.update)
-
-    for leftover in glob.glob(os.path.join(options.output_dir, ".tmp", f"{glob.escape(job.name)}-*.partial")):
-        os.remove(leftover)  # partial shards of an earlier, killed run
+    try:
+        with tqdm(total=total_rows, initial=done_rows, unit="row", desc=job.name, disable=not options.progress,
+                  dynamic_ncols=True) as bar:
+            processes = min(options.num_processes, len(pending))
+            if processes > 1:
+                _run_in_pool(job.converter, pending, layout, processes, bar)
+            else:
+                for spec in pending:
+                    process_shard(job.converter, spec, layout, bar.update)
+    finally:  # partial files of an earlier killed run, or of workers stopped by another one's error
+        for leftover in layout.leftovers():
+            os.remove(leftover)
     summary = _summarise(job, layout, specs)
-    common.write_json_atomic(layout.summary_path, summary)
+    write_json_atomic(layout.summary_path, summary)
     if summary["kept"]:
-        common.update_dataset_info(options.output_dir, {job.name: dataset_info_entry(job.name)})
+        update_dataset_info(options.output_dir, {job.name: dataset_info_entry(job.name)})
     else:  # nothing to train on (e.g. text-only OneVision configs): no folder, no entry
         shutil.rmtree(layout.shard_dir, ignore_errors=True)
-        common.update_dataset_info(options.output_dir, {}, remove=[job.name])
+        update_dataset_info(options.output_dir, {}, remove=[job.name])
     return summary
 
 
@@ -329,8 +341,55 @@ def summary_line(summary: dict) -> str:
             f"(rejected: {reasons}) in {len(summary['files'])} shard file(s)")
 
 
+# What to do when most rows are rejected for one reason.
+REJECT_HINTS = {
+    "image_path_outside_roots": f"pass --image-roots with the folder the image paths are relative to "
+                                f"(or set ${IMAGE_ROOTS_ENV})",
+    "image_not_found": f"check that --image-roots (or ${IMAGE_ROOTS_ENV}) is the folder the image paths are "
+                       f"relative to",
+    "image_missing": "the rows have no image: a text-only dataset?",
+    "missing_image_tag": "the first user turn has no <image> tag, and this dataset's rule requires one",
+    "invalid_json": "is the file JSON Lines? A .json file must hold one JSON array",
+    "bad_utf8": "the file is not UTF-8 text: convert it (e.g. iconv -f LATIN1 -t UTF-8)",
+    "malformed_row": "the records are not LLaVA-style objects (id, image, conversations)",
+}
+DOMINANT_SHARE = 0.5  # a reason that rejects this share of the rows or more is reported
+
+
+def _first_detail(layout: Layout, reason: str) -> str:
+    """Row, id and detail of the first row rejected for ``reason`` (from the shard reject logs)."""
+    for path in sorted(glob.glob(os.path.join(glob.escape(layout.stats_dir), "shard-*.rejects.jsonl"))):
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                record = json.loads(line)
+                if record["reason"] == reason:
+                    detail = f": {record['detail']}" if record["detail"] else ""
+                    return f"first: row {record['row']}, id {record['id']}{detail}"
+    return ""
+
+
+def rejection_report(summary: dict, layout: Layout, may_be_empty: bool = False) -> tuple[str, str] | None:
+    """("error"|"warning", one line) when no row was kept, or one reason rejected most of the rows."""
+    rows = summary["rows_in"] - summary["rejected"].get("not_sampled", 0)
+    reasons = sorted(((n, r) for r, n in summary["rejected"].items() if r != "not_sampled"), reverse=True)
+    if summary["kept"] == 0 and may_be_empty:
+        return None
+    if summary["kept"] == 0 and not reasons:
+        return "error", f"{summary['name']}: no input rows ({summary['source']})"
+    if not reasons or reasons[0][0] < DOMINANT_SHARE * rows:
+        return None
+    count, reason = reasons[0]
+    first = _first_detail(layout, reason)
+    hint = REJECT_HINTS.get(reason, f"see {layout.stats_dir}/shard-*.rejects.jsonl")
+    every = "all " if count == rows else ""
+    line = (f"{summary['name']}: kept {summary['kept']:,} of {summary['rows_in']:,} rows; {every}{count:,} of "
+            f"{rows:,} rejected as {reason}{f' ({first})' if first else ''}. {hint}")
+    return ("error" if summary["kept"] == 0 else "warning"), line
+
+
 def run_jobs(jobs: list[DatasetJob], options: RunOptions) -> int:
-    """Run every job; a failing dataset is reported in one line and the others still run. Exit code."""
+    """Run every job; a failing dataset is reported in one line and the others still run. Exit code: see the
+    module docstring."""
     failed = []
     if options.num_processes > 1:
         _worker_context(start=True)
@@ -343,6 +402,11 @@ def run_jobs(jobs: list[DatasetJob], options: RunOptions) -> int:
             failed.append(job.name)
             continue
         print(summary_line(summary))
+        report = rejection_report(summary, Layout(options.output_dir, job.name), job.may_be_empty)
+        if report is not None:
+            print(f"{report[0]}: {report[1]}", file=sys.stderr)
+            if report[0] == "error":
+                failed.append(job.name)
     if failed:
         print(f"error: {len(failed)} dataset(s) failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
@@ -374,11 +438,11 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_output_dir: str, 
                         help="input rows per output shard; also the unit of resume (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete earlier output of the selected datasets instead of resuming it")
-    parser.add_argument("--image_check", choices=(*common.IMAGE_CHECKS, "header"), default="structure",
-                        help="structure (default): check JPEG/PNG structure (markers, end marker, chunk CRCs, size) "
-                             "without decoding pixels, other formats with PIL's verify(); decode: also decode every "
-                             "image (several times slower); header: old name of structure")
-    parser.add_argument("--max_image_pixels", type=positive_int, default=common.DEFAULT_MAX_IMAGE_PIXELS,
+    parser.add_argument("--image_check", choices=IMAGE_CHECKS, default="structure",
+                        help="structure (default): check JPEG and PNG structure (markers, end marker, chunk CRCs, "
+                             "size) without decoding pixels, decode the rare other formats; decode: also decode "
+                             "every JPEG and PNG (several times slower)")
+    parser.add_argument("--max_image_pixels", type=positive_int, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="reject larger images as decompression bombs (default: %(default)s)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
 
@@ -414,5 +478,5 @@ def run_options(args: argparse.Namespace, test_rows: int) -> RunOptions:
     )
 
 
-def image_policy(args: argparse.Namespace) -> common.ImagePolicy:
-    return common.ImagePolicy(max_pixels=args.max_image_pixels, check=args.image_check)
+def image_policy(args: argparse.Namespace) -> ImagePolicy:
+    return ImagePolicy(max_pixels=args.max_image_pixels, check=args.image_check)

@@ -13,7 +13,13 @@ if __package__ in (None, ""):
     import _bootstrap  # noqa: F401
 
 from data_process import pipeline
-from data_process.naming import ONEVISION_CONFIGS, ONEVISION_REPO, onevision_name, onevision_uses_image_prepend
+from data_process.naming import (
+    ONEVISION_CONFIGS,
+    ONEVISION_REPO,
+    ONEVISION_TEXT_ONLY_CONFIGS,
+    onevision_name,
+    onevision_uses_image_prepend,
+)
 from data_process.rules import FIRST_TURN_PREPEND, FIRST_TURN_REQUIRE, LlavaRowConverter
 
 TEST_ROWS = 100
@@ -54,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         first_turn = FIRST_TURN_PREPEND if onevision_uses_image_prepend(config) else FIRST_TURN_REQUIRE
         converter = LlavaRowConverter(first_turn=first_turn, image_policy=policy)
         jobs.append(pipeline.DatasetJob(name=onevision_name(config), converter=converter, location=location,
-                                        config=config))
+                                        config=config, may_be_empty=config in ONEVISION_TEXT_ONLY_CONFIGS))
     return pipeline.run_jobs(jobs, pipeline.run_options(args, TEST_ROWS))
 
 

@@ -11,7 +11,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from .common import IMAGE_PLACEHOLDER, ImagePolicy, Reject, image_value_bytes, read_image_file
+from .errors import Reject
+from .images import ImagePolicy, image_value_bytes
+from .parquet_out import IMAGE_PLACEHOLDER
+from .paths import read_image_file
 
 _MEDIA_TAG = re.compile(r"<(image|audio|video)>", re.IGNORECASE)
 _NON_IMAGE_MEDIA_TAG = re.compile(r"<(audio|video)>", re.IGNORECASE)
@@ -45,11 +48,20 @@ def _first_turn_text(text: str, policy: str) -> str:
     return text
 
 
+def _check_answer(text: str, turn_index: int) -> None:
+    if not text.strip():  # training on it teaches the model to stop at once
+        raise Reject("empty_answer", f"turn {turn_index}")
+    if _MEDIA_TAG.search(text):
+        raise Reject("media_tag_in_answer", f"turn {turn_index}")
+    if _THINK_TAG.search(text):
+        raise Reject("think_tag_in_answer", f"turn {turn_index}")
+
+
 def conversations_to_messages(conversations: Any, first_turn: str = FIRST_TURN_PREPEND) -> list[dict]:
     """LLaVA ``conversations`` ([{from, value}], human/gpt alternating) to sharegpt ``messages``.
 
     Exactly one ``<image>`` ends up in the first user turn; no media tag may appear later, and answers
-    may not hold ``<think>`` tags.
+    may not be blank or hold ``<think>`` tags.
     """
     if not isinstance(conversations, list) or not conversations:
         raise Reject("empty_conversations")
@@ -68,10 +80,7 @@ def conversations_to_messages(conversations: Any, first_turn: str = FIRST_TURN_P
         elif expected == "human" and _MEDIA_TAG.search(text):
             raise Reject("media_tag_later_turn", f"turn {turn_index}")
         elif expected == "gpt":
-            if _MEDIA_TAG.search(text):
-                raise Reject("media_tag_in_answer", f"turn {turn_index}")
-            if _THINK_TAG.search(text):
-                raise Reject("think_tag_in_answer", f"turn {turn_index}")
+            _check_answer(text, turn_index)
         messages.append({"role": _ROLE_NAMES[expected], "content": text})
     return messages
 

@@ -25,14 +25,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import common
+from .errors import Reject, SourceError
+from .parquet_out import int32_array
+
+__all__ = ["InputFile", "RowBatch", "ShardSpec", "SourceError", "file_kind", "iter_json_records",
+           "iter_shard_batches", "localize", "plan_shards", "resolve_hub_files", "scan_input", "selected_offsets"]
 
 READ_BATCH_ROWS = 100  # the row-group size of HF image datasets
 _JSON_CHUNK_CHARS = 1 << 20
-
-
-class SourceError(Exception):
-    """Bad input that stops a dataset (reported as one line, no traceback)."""
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,48 @@ def file_kind(path: str) -> str:
     raise SourceError(f"{path}: unsupported file type (expected .parquet, .jsonl, .json or .tsv)")
 
 
+# ----------------------------------------------------------------------------------------------- text checks
+# A record is read as a whole or not at all: a byte that is not UTF-8 (``bad_utf8``) or a lone surrogate
+# escape such as "\ud800", valid JSON but no character (``bad_unicode``), makes its record a ``Reject``
+# instead of failing the file. Both are searched in the raw text first, so clean records cost one regex scan.
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # may start a lone surrogate; pairs are checked below
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # a byte that was not UTF-8, kept by "surrogateescape"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: object) -> str | None:
+    """The first string in ``value`` (keys included) holding a surrogate that is not part of a pair."""
+    if isinstance(value, str):
+        return value if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        value = itertools.chain.from_iterable(value.items())
+    if isinstance(value, (list, itertools.chain)):
+        return next((found for item in value if (found := _lone_surrogate(item)) is not None), None)
+    return None
+
+
+def _bad_unicode(record: object, raw: str, start: int = 0, end: int | None = None) -> Reject | None:
+    """A ``bad_unicode`` Reject when the JSON text ``raw[start:end]`` decoded to a lone surrogate."""
+    if not _SURROGATE_ESCAPE.search(raw, start, len(raw) if end is None else end):
+        return None
+    text = _lone_surrogate(record)
+    if text is None:
+        return None
+    return Reject("bad_unicode", f"lone surrogate in {text.encode('utf-8', 'backslashreplace')[:80].decode()!r}",
+                  record)
+
+
+def _bad_utf8(error: UnicodeDecodeError, offset: int) -> Reject:
+    return Reject("bad_utf8", f"byte 0x{error.object[error.start]:02X} at file byte {offset + error.start} "
+                              "is not UTF-8")
+
+
 # ----------------------------------------------------------------------------------------------- JSON
 
 def _iter_jsonl(path: str, byte_offset: int) -> Iterator[tuple[int, object]]:
-    """(record byte offset, record) for every non-blank line; a bad line yields a ``json.JSONDecodeError``."""
+    """(record byte offset, record) for every non-blank line; a bad line yields a ``json.JSONDecodeError``
+    or a ``Reject`` (``bad_utf8``, ``bad_unicode``)."""
     with open(path, "rb") as handle:
         handle.seek(byte_offset)
         while True:
@@ -84,9 +122,16 @@ def _iter_jsonl(path: str, byte_offset: int) -> Iterator[tuple[int, object]]:
             if not line.strip():
                 continue
             try:
-                yield offset, json.loads(line)
+                text = line.decode("utf-8-sig" if offset == 0 else "utf-8")
+            except UnicodeDecodeError as error:
+                yield offset, _bad_utf8(error, offset)
+                continue
+            try:
+                record = json.loads(text)
             except json.JSONDecodeError as error:
                 yield offset, error
+                continue
+            yield offset, _bad_unicode(record, text) or record
 
 
 class _JsonArrayReader:
@@ -94,12 +139,14 @@ class _JsonArrayReader:
 
     def __init__(self, handle, byte_offset: int):
         self.handle = handle
-        self.text_decoder = codecs.getincrementaldecoder("utf-8-sig" if byte_offset == 0 else "utf-8")()
+        # bytes that are not UTF-8 become lone surrogates U+DC80..U+DCFF: found per record, counted back as bytes
+        self.text_decoder = codecs.getincrementaldecoder("utf-8-sig" if byte_offset == 0 else "utf-8")(
+            "surrogateescape")
         self.buffer, self.pos, self.eof = "", 0, False
         self.mark_char, self.mark_byte = 0, byte_offset  # buffer[mark_char] starts at byte mark_byte
 
     def byte_at(self, pos: int) -> int:
-        self.mark_byte += len(self.buffer[self.mark_char:pos].encode("utf-8"))
+        self.mark_byte += len(self.buffer[self.mark_char:pos].encode("utf-8", "surrogateescape"))
         self.mark_char = pos
         return self.mark_byte
 
@@ -120,7 +167,13 @@ class _JsonArrayReader:
 
 
 def _iter_json_array(path: str, byte_offset: int) -> Iterator[tuple[int, object]]:
-    """(record byte offset, record) for each element of a top-level JSON array, read incrementally."""
+    """(record byte offset, record) for each element of a top-level JSON array, read incrementally.
+
+    A byte that is not UTF-8 or a lone surrogate escape inside an element makes that element a ``Reject``
+    (``bad_utf8``, ``bad_unicode``) and the next elements are read as usual. A syntax error, a bad byte
+    between elements included, stops the file with a ``SourceError`` naming the byte: in an array, where
+    the next element starts is not known.
+    """
     decoder = json.JSONDecoder()
     with open(path, "rb") as handle:
         handle.seek(byte_offset)
@@ -139,7 +192,14 @@ def _iter_json_array(path: str, byte_offset: int) -> Iterator[tuple[int, object]
                         raise SourceError(f"{path}: invalid JSON near byte {reader.byte_at(reader.pos)}: "
                                           f"{error.msg}") from None
                     reader.refill()
-            yield reader.byte_at(reader.pos), record
+            start = reader.pos
+            offset = reader.byte_at(start)
+            bad_byte = _ESCAPED_BYTE.search(reader.buffer, start, end)
+            if bad_byte:
+                byte = ord(bad_byte.group()) - 0xDC00
+                record = Reject("bad_utf8", f"byte 0x{byte:02X} at file byte {reader.byte_at(bad_byte.start())} "
+                                            "is not UTF-8", record)
+            yield offset, _bad_unicode(record, reader.buffer, start, end) or record
             reader.pos = end
 
 
@@ -148,8 +208,14 @@ def _iter_tsv(path: str, byte_offset: int) -> Iterator[tuple[int, object]]:
     if byte_offset:
         raise SourceError(f"{path}: a .tsv input is read as one shard")
     csv.field_size_limit(sys.maxsize)  # base64 image cells are large
-    with open(path, encoding="utf-8", newline="") as handle:
-        yield from enumerate(csv.DictReader(handle, delimiter="\t"))
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+        for index, row in enumerate(csv.DictReader(handle, delimiter="\t")):
+            bad = next((value for value in row.values() if isinstance(value, str) and _ESCAPED_BYTE.search(value)),
+                       None)
+            if bad is not None:
+                shown = bad.encode("utf-8", "surrogateescape")[:80]
+                row = Reject("bad_utf8", f"a cell is not UTF-8: {shown!r}")
+            yield index, row
 
 
 def iter_json_records(path: str, kind: str, byte_offset: int = 0) -> Iterator[tuple[int, object]]:
@@ -300,11 +366,32 @@ def _pylist(array: pa.Array) -> list:
     return values
 
 
+def _text_rows(text: pa.RecordBatch) -> list[dict | Reject]:
+    """The rows of the non-image columns as dicts; a row with a string that is not UTF-8 (Arrow does not check
+    what it reads) becomes a ``bad_utf8`` Reject, found row by row only in a batch that has one."""
+    if not text.num_columns:
+        return [{} for _ in range(text.num_rows)]
+
+    def dicts(part: pa.RecordBatch) -> list[dict]:
+        return [dict(zip(part.schema.names, row)) for row in zip(*map(_pylist, part.columns))]
+
+    try:
+        return dicts(text)
+    except UnicodeDecodeError:
+        pass
+    rows = []
+    for i in range(text.num_rows):
+        try:
+            rows.append(dicts(text.slice(i, 1))[0])
+        except UnicodeDecodeError as error:
+            shown = error.object[max(0, error.start - 20):error.start + 20]
+            rows.append(Reject("bad_utf8", f"a string is not UTF-8 near {bytes(shown)!r}"))
+    return rows
+
+
 def _record_batch(batch: pa.RecordBatch, indices: list[int]) -> RowBatch:
     image_columns = [f.name for f in batch.schema if _is_image_type(f.type)]
-    text = batch.drop_columns(image_columns)
-    rows = [dict(zip(text.schema.names, row)) for row in zip(*map(_pylist, text.columns))] if text.num_columns \
-        else [{} for _ in range(batch.num_rows)]
+    rows = _text_rows(batch.drop_columns(image_columns))
     result = RowBatch(indices, rows)
     for name in image_columns:
         column = batch.column(name)
@@ -321,7 +408,8 @@ def _record_batch(batch: pa.RecordBatch, indices: list[int]) -> RowBatch:
         else:
             cells = views
         for row, cell in zip(rows, cells):
-            row[name] = cell
+            if isinstance(row, dict):
+                row[name] = cell
     return result
 
 
@@ -344,7 +432,7 @@ def _iter_parquet_batches(spec: ShardSpec, columns: tuple[str, ...], wanted: set
         if keep:
             part = batch.slice(lo, hi - lo)
             if len(keep) < len(offsets):
-                part = part.take(common.int32_array(keep))
+                part = part.take(int32_array(keep))
             yield _record_batch(part, [spec.global_start + offsets[i] for i in keep])
         position += batch.num_rows
         if position >= stop:

@@ -96,6 +96,7 @@ CONVERSATION_CASES = [
     ("media_tag_later_turn", _conversation("<image>\nQ1", "A1", "<IMAGE> Q2", "A2")),
     ("media_tag_in_answer", _conversation("<image>\nQ", "see <image>")),
     ("think_tag_in_answer", _conversation("<image>\nQ", "<think>hmm</think> A")),
+    ("empty_answer", _conversation("<image>\nQ", " \n")),
     ("malformed_turn", [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}]),
 ]
 

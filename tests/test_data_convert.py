@@ -137,9 +137,9 @@ def test_data_juicer_demo_to_parquet(tmp_path):
     assert len(rows) == sum(1 for line in source.read_text().splitlines() if line.strip())
     assert rows[1]["messages"][1]["content"] == "A bus."
     assert rows[1]["images"][0]["bytes"] == (demo / "tests" / "ops" / "data" / "img2.jpg").read_bytes()
-    # the same file with only demos/ declared: the ../../tests paths escape the root
+    # the same file with only demos/ declared: the ../../tests paths escape the root, nothing is kept
     assert convert.main(["dj-to-parquet", str(source), "--image-roots", str(demo / "demos"), "--name", "esc",
-                         "--output_dir", str(out), *QUIET]) == 0
+                         "--output_dir", str(out), *QUIET]) == 1
     assert summary(out, "esc")["rejected"] == {"image_path_outside_roots": len(rows)}
 
 

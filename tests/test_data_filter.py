@@ -12,8 +12,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from data_process import common, filter as data_filter
-from data_process.filter_ops import CharacterRepetitionFilter, Sample, WordsNumFilter, parse_size
+from data_process import common
+from data_process import filter as data_filter
+from data_process.filter_ops import CharacterRepetitionFilter, Sample, WordsNumFilter, parse_binary_size
 from tests import data_fixtures as fx
 
 DJ_DEMO = fx.SHARED_FIXTURES / "data-juicer-demo"
@@ -117,8 +118,14 @@ def test_default_recipe_loads():
     assert text_scope == "all" and len(ops) == 10
 
 
-def test_op_stats():
-    assert parse_size("1KB") == 1024 and parse_size("2MB") == 2 << 20 and parse_size(0) == 0
+def test_parse_size_uses_binary_units():
+    assert parse_binary_size("1KB") == 1024 and parse_binary_size("2MB") == 2 << 20 and parse_binary_size(0) == 0
+    assert parse_binary_size("1.5 GiB") == 3 << 29 and parse_binary_size("1TB") == 1 << 40
+    with pytest.raises(ValueError, match="bad size"):
+        parse_binary_size("3 parsecs")
+
+
+def test_word_and_repetition_stats_match_data_juicer():
     sample = Sample([{"role": "assistant", "content": "这是 一个 test 句子"}], [])
     assert WordsNumFilter(lang="zh").stat(sample) == 7
     assert WordsNumFilter(lang="en").stat(sample) == 4

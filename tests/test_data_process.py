@@ -75,7 +75,7 @@ def test_end_of_turn_image_moves_to_front_and_require_policy():
 
 @pytest.mark.parametrize("reason", sorted(fx.BAD_IMAGES))
 def test_image_policy_rejects(reason):
-    for check in ("structure", "decode", "header"):
+    for check in common.IMAGE_CHECKS:
         with pytest.raises(common.Reject) as info:
             common.ImagePolicy(check=check).prepare(fx.BAD_IMAGES[reason]())
         assert info.value.reason == reason
@@ -164,7 +164,7 @@ def test_columnwise_pylist_matches_arrow():
         assert sources._pylist(part) == part.to_pylist()
 
 
-def test_naming():
+def test_onevision_configs_and_hub_ids_map_to_output_names():
     assert len(naming.ONEVISION_CONFIGS) == 89 == len(set(naming.ONEVISION_CONFIGS))
     assert naming.onevision_name("CLEVR-Math(MathV360K)") == "CLEVR_Math_MathV360K"
     assert naming.onevision_name("ai2d(cauldron,llava_format)") == "ai2d_cauldron_llava_format"
@@ -235,14 +235,23 @@ def test_parallel_output_identical_and_max_samples_seeded(recap, tmp_path):
     assert shard_digests(other / name) != shard_digests(one / name)
 
 
-def test_test_mode_and_settings_change(recap, tmp_path, monkeypatch):
+def test_test_mode_reads_only_first_rows(recap, tmp_path, monkeypatch):
     repo, _, _ = recap
     out = tmp_path / "out"
     monkeypatch.setattr(process_llava, "TEST_ROWS", 10)  # the fixture is smaller than the real 1000
     assert run_llava(repo, out, "--test_mode") == 0
     assert stats_of(out, "LLaVA_ReCap_558K")["rows_in"] == 10
     assert stats_of(out, "LLaVA_ReCap_558K")["shards"] == 2
+    assert stats_of(out, "LLaVA_ReCap_558K")["kept"] == 10  # the first 12 fixture rows are the good ones
+
+
+def test_changed_shard_plan_refused_until_overwrite(recap, tmp_path):
+    repo, _, _ = recap
+    out = tmp_path / "out"
+    assert run_llava(repo, out) == 0
+    before = shard_digests(out / "LLaVA_ReCap_558K")
     assert run_llava(repo, out, "--rows_per_shard", "5") == 1  # different plan: refused, nothing touched
+    assert shard_digests(out / "LLaVA_ReCap_558K") == before
     assert run_llava(repo, out, "--rows_per_shard", "5", "--overwrite") == 0
     assert stats_of(out, "LLaVA_ReCap_558K")["shards"] == 6
 
@@ -301,7 +310,7 @@ def test_cli_errors_are_one_line(recap, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- synthdog
 
-def test_synthdog(tmp_path):
+def test_synthdog_ground_truth_becomes_the_ocr_answer(tmp_path):
     rows, expected = fx.synthdog_rows()
     repo = fx.make_synthdog_repo(tmp_path / "synthdog-en", rows)
     out = tmp_path / "out"
