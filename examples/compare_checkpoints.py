@@ -48,8 +48,6 @@ def group_of(name: str) -> str:
 
 def tensor_index(checkpoint: Path) -> dict[str, tuple[Path, str]]:
     """canonical name -> (safetensors file, key in that file) for a checkpoint folder or file."""
-    from safetensors import safe_open
-
     checkpoint = Path(checkpoint)
     if checkpoint.is_file():
         files = [checkpoint]
@@ -62,13 +60,25 @@ def tensor_index(checkpoint: Path) -> dict[str, tuple[Path, str]]:
         raise FileNotFoundError(f"no safetensors weights in {checkpoint}")
     index = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: listed in the index but missing")
+        with open_safetensors(file) as f:
             for key in f.keys():
                 name = canonical_name(key)
                 if name in index:
                     raise ValueError(f"{checkpoint}: {key!r} and {index[name][1]!r} are the same parameter")
                 index[name] = (file, key)
     return index
+
+
+def open_safetensors(file: Path):
+    """safe_open, with a damaged file (truncated download, not safetensors) reported as a ValueError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e}); is it truncated?") from None
 
 
 @dataclass
@@ -99,14 +109,16 @@ class Comparison:
 
 def compare_checkpoints(before: Path, after: Path) -> Comparison:
     import torch
-    from safetensors import safe_open
 
     left, right = tensor_index(before), tensor_index(after)
     result = Comparison(only_before=set(left) - set(right), only_after=set(right) - set(left))
     for name in sorted(set(left) & set(right)):
         (file_a, key_a), (file_b, key_b) = left[name], right[name]
-        with safe_open(str(file_a), framework="pt") as fa, safe_open(str(file_b), framework="pt") as fb:
-            a, b = fa.get_tensor(key_a), fb.get_tensor(key_b)
+        with open_safetensors(file_a) as fa, open_safetensors(file_b) as fb:
+            try:
+                a, b = fa.get_tensor(key_a), fb.get_tensor(key_b)
+            except Exception as e:  # SafetensorError and friends: a damaged tensor record
+                raise ValueError(f"{name}: unreadable in {file_a} or {file_b} ({e})") from None
         common = torch.promote_types(a.dtype, b.dtype)
         same = a.shape == b.shape and torch.equal(a.to(common), b.to(common))
         (result.unchanged if same else result.changed).add(name)
