@@ -1,7 +1,7 @@
 """Format converters between LLaVA JSON(L), Data-Juicer JSONL, MMBench TSV and our parquet.
 
-    python -m data_process.convert llava-to-parquet blip_laion_cc_sbu_558k.json --image-roots images/ --name pretrain
-    python -m data_process.convert dj-to-parquet dj.jsonl --image-roots data/ --name dj_captions
+    python -m data_process.convert llava-to-parquet blip_laion_cc_sbu_558k.json --image_roots images/ --name pretrain
+    python -m data_process.convert dj-to-parquet dj.jsonl --image_roots data/ --name dj_captions
     python -m data_process.convert mmbench-to-parquet MMBench_DEV_EN.tsv --name mmbench_dev_en
     python -m data_process.convert parquet-to-llava out/pretrain --output pretrain.json --image_folder images/
     python -m data_process.convert llava-to-dj pretrain.json --output pretrain.jsonl
@@ -9,7 +9,7 @@
     python -m data_process.convert parquet-to-dj out/pretrain --output pretrain.jsonl --image_folder images/
 
 The ``*-to-parquet`` commands run through the same pipeline as the hub scripts (rules, image checks,
-stats/rejects, resume, ``--num_processes``). Image paths are only read below ``--image-roots`` (or
+stats/rejects, resume, ``--num_processes``). Image paths are only read below ``--image_roots`` (or
 ``$QWEN_MERGE_IMAGE_ROOTS``); anything else is rejected with ``image_path_outside_roots``. A record that
 cannot be read (not UTF-8: ``bad_utf8``; a lone surrogate escape: ``bad_unicode``; bad JSON) is one counted
 reject. Exit status 1 when nothing at all was kept (the error line says why and what to pass), 2 for a
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sub.add_argument("--output", required=True, help="output file (.json: JSON array, else JSONL)")
         if roots:
-            sub.add_argument("--image-roots", "--image_roots", dest="image_roots", nargs="+", default=None,
+            sub.add_argument("--image_roots", "--image-roots", dest="image_roots", nargs="+", default=None,
                              help=f"folders images may be read from (default: ${IMAGE_ROOTS_ENV})")
         if dj:
             sub.add_argument("--image_token", default="<__dj__image>", help="DJ image token (default: %(default)s)")

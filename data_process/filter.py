@@ -308,9 +308,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {op['op']}: {op['rows_in']:,} in, {op['removed']:,} removed, {op['kept']:,} kept")
     if summary["rows_in"] and not summary["kept"]:
         worst = max(summary["ops"], key=lambda op: op["removed"])
-        print(f"error: {args.name}: kept 0 of {summary['rows_in']:,} rows; {worst['op']} removed "
-              f"{worst['removed']:,} (params {json.dumps(worst['params'])}): check the recipe {args.recipe}",
-              file=sys.stderr)
+        unreadable = sum(summary["unreadable"].values())
+        if unreadable > worst["removed"]:
+            cause = f"{unreadable:,} could not be read ({', '.join(summary['unreadable'])})"
+        else:
+            cause = (f"{worst['op']} removed {worst['removed']:,} (params {json.dumps(worst['params'])}): "
+                     f"check the recipe {args.recipe}")
+        print(f"error: {args.name}: kept 0 of {summary['rows_in']:,} rows; {cause}", file=sys.stderr)
         return 1
     return 0
 

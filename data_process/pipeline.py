@@ -42,7 +42,16 @@ from .images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_CHECKS, ImagePolicy
 from .naming import dataset_info_entry
 from .parquet_out import RejectLog, ShardWriter, int32_array, output_table
 from .paths import IMAGE_ROOTS_ENV
-from .sources import InputFile, RowBatch, ShardSpec, iter_shard_batches, plan_shards, resolve_hub_files, scan_input
+from .sources import (
+    SURROGATE,
+    InputFile,
+    RowBatch,
+    ShardSpec,
+    iter_shard_batches,
+    plan_shards,
+    resolve_hub_files,
+    scan_input,
+)
 
 PLAN_VERSION = 2
 
@@ -123,11 +132,15 @@ def _convert_row(converter: Any, row: Any) -> Any:
     if isinstance(row, Exception):  # a JSONL line that did not parse
         raise Reject("invalid_json", str(row))
     try:
-        return converter.convert(row)
+        result = converter.convert(row)
     except Reject:
         raise
     except Exception as error:  # bad data must not stop a run; the reason says what happened
         raise Reject("unexpected_error", f"{type(error).__name__}: {error}") from None
+    for message in result.messages:  # JSON decoded by a converter (synthdog's ground truth) may hold one
+        if SURROGATE.search(message["content"]):
+            raise Reject("bad_unicode", f"lone surrogate in the {message['role']} text")
+    return result
 
 
 def _image_values(images: list[list], batch: RowBatch) -> pa.Array:
@@ -343,9 +356,9 @@ def summary_line(summary: dict) -> str:
 
 # What to do when most rows are rejected for one reason.
 REJECT_HINTS = {
-    "image_path_outside_roots": f"pass --image-roots with the folder the image paths are relative to "
+    "image_path_outside_roots": f"pass --image_roots with the folder the image paths are relative to "
                                 f"(or set ${IMAGE_ROOTS_ENV})",
-    "image_not_found": f"check that --image-roots (or ${IMAGE_ROOTS_ENV}) is the folder the image paths are "
+    "image_not_found": f"check that --image_roots (or ${IMAGE_ROOTS_ENV}) is the folder the image paths are "
                        f"relative to",
     "image_missing": "the rows have no image: a text-only dataset?",
     "missing_image_tag": "the first user turn has no <image> tag, and this dataset's rule requires one",

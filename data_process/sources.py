@@ -77,13 +77,13 @@ def file_kind(path: str) -> str:
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # may start a lone surrogate; pairs are checked below
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # a byte that was not UTF-8, kept by "surrogateescape"
-_SURROGATE = re.compile("[\ud800-\udfff]")
+SURROGATE = re.compile("[\ud800-\udfff]")  # decoded JSON only holds lone ones: pairs are joined
 
 
 def _lone_surrogate(value: object) -> str | None:
     """The first string in ``value`` (keys included) holding a surrogate that is not part of a pair."""
     if isinstance(value, str):
-        return value if _SURROGATE.search(value) else None
+        return value if SURROGATE.search(value) else None
     if isinstance(value, dict):
         value = itertools.chain.from_iterable(value.items())
     if isinstance(value, (list, itertools.chain)):

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data_process import common, convert, process_llava
+from data_process import common, convert, process_llava, process_synthdog
 from data_process import filter as data_filter
 from tests import data_fixtures as fx
 
@@ -146,6 +146,19 @@ def test_invalid_utf8_in_a_hub_parquet_is_a_counted_reject(tmp_path):
     assert [r["row"] for r in rejects(out, "LLaVA_ReCap_558K") if r["reason"] == "bad_utf8"] == [3]
 
 
+def test_lone_surrogate_inside_synthdog_ground_truth_is_a_counted_reject(tmp_path):
+    """The ground truth is JSON inside a (valid UTF-8) parquet string: its escapes are decoded only there."""
+    rows, expected = fx.synthdog_rows(num_good=4)
+    rows[1]["ground_truth"] = json.dumps({"gt_parse": {"text_sequence": "OCR \udfff text"}})
+    assert "\\udfff" in rows[1]["ground_truth"]
+    repo = fx.make_synthdog_repo(tmp_path / "synthdog-en", rows)
+    out = tmp_path / "out"
+    assert process_synthdog.main(["--languages", "en", "--source", f"naver-clova-ix/synthdog-en={repo}",
+                                  "--output_dir", str(out), "--num_processes", "1", *QUIET]) == 0
+    assert summary(out, "synthdog_en")["rejected"] == {**expected, "bad_unicode": 1}
+    assert summary(out, "synthdog_en")["kept"] == 3
+
+
 def test_filter_counts_a_row_with_invalid_utf8_and_keeps_the_rest(tmp_path):
     texts = ["A long enough caption number one.", "MARKER-ABCDEFGHIJKLMNOPQRSTUVWXYZ.", "A third fine caption here."]
     table = common.output_table([[{"role": "user", "content": "<image>\nDescribe."},
@@ -215,7 +228,7 @@ def test_forgotten_image_roots_fails_loudly_and_says_what_to_pass(tmp_path, imag
     err = capsys.readouterr().err
     assert code == 1
     assert any("kept 0 of 8" in line and "image_path_outside_roots" in line for line in error_lines(err))
-    assert "--image-roots" in err and common.IMAGE_ROOTS_ENV in err
+    assert "--image_roots" in err and common.IMAGE_ROOTS_ENV in err
     assert summary(out, "noroots")["rejected"] == {"image_path_outside_roots": 8}  # still counted and logged
     # with the roots it goes through, on the same output folder
     assert convert.main(["llava-to-parquet", str(source), "--image-roots", str(images), "--name", "noroots",
