@@ -12,8 +12,10 @@ The ``*-to-parquet`` commands run through the same pipeline as the hub scripts (
 stats/rejects, resume, ``--num_processes``). Image paths are only read below ``--image_roots`` (or
 ``$QWEN_MERGE_IMAGE_ROOTS``); anything else is rejected with ``image_path_outside_roots``. A record that
 cannot be read (not UTF-8: ``bad_utf8``; a lone surrogate escape: ``bad_unicode``; bad JSON) is one counted
-reject. Exit status 1 when nothing at all was kept (the error line says why and what to pass), 2 for a
-missing input.
+reject. In a ``.json`` array the unit is the element: a bad byte or escape inside one rejects that element
+only, while a syntax error (a bad byte between elements included) stops the file with one line naming the
+byte, since where the next element starts is then unknown. Exit status 1 when nothing at all was kept (the
+error line says why and what to pass), 2 for a missing input.
 
 The JSON-to-JSON commands (``llava-to-dj``, ``dj-to-llava``) copy every record or stop: a record they
 cannot read is one error line naming its byte, and the output file is not written.
@@ -78,8 +80,8 @@ def read_records(path: str) -> Iterator[dict]:
     kind = "json" if path.lower().endswith(".json") else "jsonl"
     for offset, record in iter_json_records(path, kind):
         if isinstance(record, Reject):
-            raise SourceError(f"{path}: record at byte {offset}: {record} (llava-to-parquet skips and counts such "
-                              "records)")
+            raise SourceError(f"{path}: record at byte {offset}: {record} (the *-to-parquet commands skip and "
+                              "count such records)")
         if isinstance(record, Exception):
             raise SourceError(f"{path}: invalid JSON line at byte {offset} ({record})")
         yield record
@@ -251,9 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (SourceError, Reject, OSError, KeyError, TypeError) as error:
+    except (SourceError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+    except Reject as error:  # a record the JSON-to-JSON commands cannot convert
+        print(f"error: {args.input}: {error}", file=sys.stderr)
+    except (KeyError, TypeError) as error:
+        print(f"error: {args.input}: a record lacks the fields of its format ({type(error).__name__}: {error})",
+              file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
