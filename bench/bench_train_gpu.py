@@ -17,7 +17,9 @@ MFU counts the matmul FLOPs of both towers (attention not halved for causality; 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import inspect
 import json
 import statistics
 import time
@@ -25,6 +27,7 @@ import time
 import torch
 
 PEAK_FLOPS = 989e12
+PAD_ID = 151643  # <|endoftext|>
 VISION = dict(depth=32, hidden_size=1280, intermediate_size=3456, num_heads=16, patch_size=14, spatial_merge_size=2,
               temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2,
               hidden_act="silu", in_chans=3)
@@ -41,9 +44,8 @@ TOY_TEXT = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num
                 intermediate_size=256)
 
 
-def build(kind: str, text: dict, vision: dict, attn: str, dtype, device):
-    from transformers import Qwen2_5_VL_MergeConfig, Qwen2_5_VL_MergeForConditionalGeneration
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def build_config(kind: str, text: dict, vision: dict):
+    from transformers import Qwen2_5_VL_MergeConfig, Qwen2_5_VLConfig
 
     section = COMMON["rope_scaling"]["mrope_section"]
     if text["head_dim"] != 2 * sum(section):
@@ -52,14 +54,16 @@ def build(kind: str, text: dict, vision: dict, attn: str, dtype, device):
     common = dict(COMMON, rope_scaling={"type": "mrope", "mrope_section": section})
     if kind == "stock":
         t = {k: v for k, v in text.items() if k != "head_dim"}
-        cfg = Qwen2_5_VLConfig(**common, **t, vision_config=dict(vision, out_hidden_size=text["hidden_size"]))
-        cls = Qwen2_5_VLForConditionalGeneration
-    else:
-        out = 8192 if vision["hidden_size"] == 1280 else 2 * vision["hidden_size"]
-        cfg = Qwen2_5_VL_MergeConfig(**common, **text, attention_bias=False,
-                                     vision_config=dict(vision, out_hidden_size=out,
-                                                        out_hidden_size2=text["hidden_size"]))
-        cls = Qwen2_5_VL_MergeForConditionalGeneration
+        return Qwen2_5_VLConfig(**common, **t, vision_config=dict(vision, out_hidden_size=text["hidden_size"]))
+    out = 8192 if vision["hidden_size"] == 1280 else 2 * vision["hidden_size"]
+    return Qwen2_5_VL_MergeConfig(**common, **text, attention_bias=False,
+                                  vision_config=dict(vision, out_hidden_size=out, out_hidden_size2=text["hidden_size"]))
+
+
+def build(kind: str, text: dict, vision: dict, attn: str, dtype, device):
+    from transformers import Qwen2_5_VL_MergeForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+    cfg = build_config(kind, text, vision)
+    cls = Qwen2_5_VLForConditionalGeneration if kind == "stock" else Qwen2_5_VL_MergeForConditionalGeneration
     cfg._attn_implementation = attn
     cfg.text_config._attn_implementation = attn
     cfg.vision_config._attn_implementation = attn
@@ -69,29 +73,35 @@ def build(kind: str, text: dict, vision: dict, attn: str, dtype, device):
     return model.train()
 
 
-def make_batch(cfg, samples: int, image_side: int, text_tokens: int, device, dtype, packed: bool):
-    """Per sample: one image_side x image_side image and text; identical data for every model."""
+def make_batch(cfg, samples: int, image_side: int, text_tokens, device, dtype, packed: bool):
+    """Per sample: one image_side x image_side image and text; identical data for every model. text_tokens is one
+    count for all samples or a list (a variable-length batch: padded rows, or one packed row).
+    Returns (batch, real tokens, patches, per-sample lengths)."""
     v = cfg.vision_config
     grid = image_side // v.patch_size
     n_patch = grid * grid
     n_img_tok = n_patch // (v.spatial_merge_size ** 2)
     g = torch.Generator().manual_seed(0)
     rows = []
-    for _ in range(samples):
-        before = torch.randint(0, 150000, (text_tokens // 4,), generator=g)
-        after = torch.randint(0, 150000, (text_tokens - text_tokens // 4,), generator=g)
+    counts = list(text_tokens) if isinstance(text_tokens, (list, tuple)) else [text_tokens] * samples
+    for n_text in counts:
+        before = torch.randint(0, 150000, (n_text // 4,), generator=g)
+        after = torch.randint(0, 150000, (n_text - n_text // 4,), generator=g)
         rows.append(torch.cat([before, torch.tensor([cfg.vision_start_token_id]),
                                torch.full((n_img_tok,), cfg.image_token_id), torch.tensor([cfg.vision_end_token_id]),
                                after]))
     pixel = torch.randn(samples * n_patch, 3 * v.temporal_patch_size * v.patch_size ** 2, generator=g)
     thw = torch.tensor([[1, grid, grid]] * samples)
     batch = {"pixel_values": pixel.to(device, dtype), "image_grid_thw": thw.to(device)}
-    ids = torch.stack(rows)
-    labels = ids.masked_fill(ids == cfg.image_token_id, -100)
+    lengths = [len(r) for r in rows]
+    width = max(lengths)
+    ids = torch.stack([torch.cat([r, torch.full((width - len(r),), PAD_ID)]) for r in rows])
+    real = torch.stack([torch.arange(width) < n for n in lengths])
+    labels = ids.masked_fill((ids == cfg.image_token_id) | ~real, -100)
     if not packed:
-        batch.update(input_ids=ids.to(device), labels=labels.to(device),
-                     attention_mask=torch.ones_like(ids).to(device))
-        return batch, ids.numel(), samples * n_patch
+        batch.update(input_ids=ids.to(device), labels=labels.to(device), attention_mask=real.long().to(device))
+        return batch, sum(lengths), samples * n_patch, lengths
+    ids, labels = ids[real], labels[real]
     # packed: one row, M-RoPE positions per sample; on GPU document ids drive flex attention, elsewhere an explicit
     # block-diagonal causal mask
     get_rope_index = _rope_index_fn(cfg)
@@ -104,7 +114,7 @@ def make_batch(cfg, samples: int, image_side: int, text_tokens: int, device, dty
         mask = torch.zeros(1, 1, len(doc), len(doc), dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     batch.update(input_ids=ids.reshape(1, -1).to(device), labels=labels.reshape(1, -1).to(device),
                  position_ids=torch.cat(positions, dim=-1).to(device), attention_mask=mask.to(device))
-    return batch, ids.numel(), samples * n_patch
+    return batch, ids.numel(), samples * n_patch, lengths
 
 
 def _rope_index_fn(cfg):
@@ -114,13 +124,14 @@ def _rope_index_fn(cfg):
     return lambda ids, thw: Qwen2_5_VLModel.get_rope_index(holder, ids, image_grid_thw=thw)
 
 
-def flops_per_step(cfg, samples: int, tokens_per_sample: int, patches_per_sample: int) -> float:
+def flops_per_step(cfg, samples: int, lengths: list[int], patches_per_sample: int) -> float:
+    """Matmul FLOPs of forward + backward over the real (unpadded) tokens of each sample."""
     t, v = cfg.text_config, cfg.vision_config
     hd = getattr(t, "head_dim", t.hidden_size // t.num_attention_heads)
     q, kv = t.num_attention_heads * hd, t.num_key_value_heads * hd
     layer = t.hidden_size * (2 * q + 2 * kv) + 3 * t.hidden_size * t.intermediate_size
-    text_fwd = samples * tokens_per_sample * 2 * (t.num_hidden_layers * layer + t.vocab_size * t.hidden_size)
-    text_fwd += samples * t.num_hidden_layers * 4 * tokens_per_sample ** 2 * q
+    text_fwd = sum(lengths) * 2 * (t.num_hidden_layers * layer + t.vocab_size * t.hidden_size)
+    text_fwd += sum(n ** 2 for n in lengths) * t.num_hidden_layers * 4 * q
     h, c = v.hidden_size, 4 * v.hidden_size
     block = 4 * h * h + 3 * h * v.intermediate_size
     merged_tok = patches_per_sample // 4
@@ -160,26 +171,96 @@ def time_steps(model, batch, warmup: int, repeats: int, device) -> tuple[float, 
     return statistics.median(times), 0.0
 
 
+@contextlib.contextmanager
+def liger_kernels(on: bool, model_config=None):
+    """Liger patches (overlays/llamafactory/qwen_merge/liger.py) for the models built inside; undone on exit."""
+    if not on:
+        yield []
+        return
+    from transformers.models.qwen2_5_vl_merge import modeling_qwen2_5_vl_merge as merge_modeling
+    from transformers.models.qwen3 import modeling_qwen3
+    from llamafactory.qwen_merge.liger import apply_liger_kernel_to_qwen2_5_vl_merge
+    names = ("apply_rotary_pos_emb", "Qwen3RMSNorm", "Qwen3MLP")
+    saved = {n: getattr(modeling_qwen3, n) for n in names}
+    cls = merge_modeling.Qwen2_5_VL_MergeForConditionalGeneration
+    saved_forward = cls.forward
+    try:
+        yield apply_liger_kernel_to_qwen2_5_vl_merge(config=model_config)
+    finally:
+        for n, v in saved.items():
+            setattr(modeling_qwen3, n, v)
+        cls.forward = saved_forward
+
+
+_CU_CACHE: dict = {}
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Causal attention over the documents of a packed row through torch's varlen flash attention; the document
+    ids (1, seq) arrive as attention_mask (the text model's mask builder is bypassed for this case)."""
+    from torch.nn.attention.varlen import varlen_attn
+    doc = attention_mask[0]
+    key_ = (doc.data_ptr(), doc.numel())
+    if key_ not in _CU_CACHE:
+        _CU_CACHE.clear()
+        counts = torch.unique_consecutive(doc, return_counts=True)[1]
+        cu = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+        _CU_CACHE[key_] = (cu, int(counts.max()))
+    cu, longest = _CU_CACHE[key_]
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (seq, heads, dim)
+    params = inspect.signature(varlen_attn).parameters
+    extra = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if "scale" in params:
+        extra["scale"] = scaling
+    if "enable_gqa" in params:
+        extra["enable_gqa"] = True
+    elif k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    out = varlen_attn(q, k, v, cu, cu, longest, longest, **extra)
+    return out.unsqueeze(0), None
+
+
 def run_case(name, kind, text, vision, args, device, dtype, checkpointing=False, packed=False, attn="sdpa",
-             upstream_vision=False, samples=None):
+             upstream_vision=False, samples=None, liger=False, varlen=False, ckpt_fraction=1.0, compile_layers=False,
+             lengths=None):
     args = argparse.Namespace(**{**vars(args), "samples": samples or args.samples})
-    model = build(kind, text, vision, attn, dtype, device)
-    if upstream_vision:  # same weights, the stock masked-SDPA vision attention (apples-to-apples with stock)
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionSdpaAttention
-        for block in model.model.visual.blocks:
-            block.attn.__class__ = Qwen2_5_VLVisionSdpaAttention
-    if packed and device == "cuda":
-        model.config.text_config._attn_implementation = "flex_attention"
-        model.model.language_model.config._attn_implementation = "flex_attention"
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    batch, tokens, patches = make_batch(model.config, args.samples, args.image_side, args.text_tokens, device, dtype,
-                                        packed)
-    seconds, mem = time_steps(model, batch, args.warmup, args.repeats, device)
-    flops = flops_per_step(model.config, args.samples, tokens // args.samples, patches // args.samples)
+    text_tokens = lengths or args.text_tokens
+    if lengths:
+        args.samples = len(lengths)
+    with liger_kernels(liger, build_config(kind, text, vision)) as applied:
+        model = build(kind, text, vision, attn, dtype, device)
+        if upstream_vision:  # same weights, the stock masked-SDPA vision attention (apples-to-apples with stock)
+            from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionSdpaAttention
+            for block in model.model.visual.blocks:
+                block.attn.__class__ = Qwen2_5_VLVisionSdpaAttention
+        if packed and device == "cuda":
+            impl = "flex_attention"
+            if varlen:
+                from transformers import AttentionInterface
+                AttentionInterface.register("qm_varlen", varlen_attention)
+                impl = "qm_varlen"
+                text_model = model.model.language_model
+                text_model._update_causal_mask = lambda mask, *a, **k: mask  # document ids go through as they are
+            model.config.text_config._attn_implementation = impl
+            model.model.language_model.config._attn_implementation = impl
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            layers = model.model.language_model.layers
+            keep = round(ckpt_fraction * len(layers))  # checkpoint the first `keep` layers, store the others
+            for i, layer in enumerate(layers):
+                layer.gradient_checkpointing = i < keep
+        if compile_layers:
+            for layer in model.model.language_model.layers:
+                layer.compile()
+        batch, tokens, patches, real_lengths = make_batch(model.config, args.samples, args.image_side, text_tokens,
+                                                          device, dtype, packed)
+        seconds, mem = time_steps(model, batch, args.warmup, args.repeats, device)
+        flops = flops_per_step(model.config, args.samples, real_lengths, patches // args.samples)
+        loss = float(model(**batch).loss) if device == "cuda" else None
     row = {"case": name, "samples": args.samples, "tokens_per_s": round(tokens / seconds), "step_s": round(seconds, 4),
            "mfu": round(flops / seconds / PEAK_FLOPS, 4), "peak_mem_GiB": round(mem, 1),
-           "params_B": round(sum(p.numel() for p in model.parameters()) / 1e9, 3)}
+           "params_B": round(sum(p.numel() for p in model.parameters()) / 1e9, 3), "loss": loss,
+           "liger": applied, "lengths": real_lengths}
     del model, batch
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -215,6 +296,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--cases", default="stock,merge-matched-stockvis,merge-matched,merge-4b,merge-4b-ckpt,"
                                       "merge-4b-packed")
+    p.add_argument("--var-lengths", default="7400,2600,1500,900,600,300",
+                   help="text tokens per sample of the variable-length batch (var-* cases)")
     p.add_argument("--profile", help="write a torch profiler table of one merge-4b step to this file")
     p.add_argument("--json", help="write the rows to this file")
     args = p.parse_args()
@@ -226,6 +309,7 @@ def main() -> int:
         vision, text4b, matched, dtype = VISION, TEXT_4B, TEXT_MATCHED, torch.bfloat16
     few = {"samples": max(1, args.samples // 2)}  # without checkpointing, half the batch fits in 80 GB
     ckpt = {"checkpointing": True}
+    var = [int(n) for n in args.var_lengths.split(",")] if not args.toy else [30, 12, 50]
     table = {
         "stock": ("stock Qwen2.5-VL (matched dims)", "stock", matched, few),
         "merge-matched-stockvis": ("Qwen-Merge (matched dims, stock vision attention)", "merge", matched,
@@ -236,6 +320,21 @@ def main() -> int:
         "merge-4b": ("Qwen-Merge-4B", "merge", text4b, few),
         "merge-4b-ckpt": ("Qwen-Merge-4B + grad ckpt", "merge", text4b, ckpt),
         "merge-4b-packed": ("Qwen-Merge-4B packed (flex) + grad ckpt", "merge", text4b, {**ckpt, "packed": True}),
+        # levers for MFU at the recipes' settings (gradient checkpointing on)
+        "merge-matched-ckpt-liger": ("Qwen-Merge (matched dims) + grad ckpt + Liger", "merge", matched,
+                                     {**ckpt, "liger": True}),
+        "merge-4b-ckpt-liger": ("Qwen-Merge-4B + grad ckpt + Liger", "merge", text4b, {**ckpt, "liger": True}),
+        "merge-4b-ckpt-liger-half": ("Qwen-Merge-4B + Liger + grad ckpt on half the layers", "merge", text4b,
+                                     {**ckpt, "liger": True, "ckpt_fraction": 0.5}),
+        "merge-4b-ckpt-liger-compile": ("Qwen-Merge-4B + grad ckpt + Liger + compiled layers", "merge", text4b,
+                                        {**ckpt, "liger": True, "compile_layers": True}),
+        # a variable-length batch: padded rows against one packed row
+        "var-pad": ("var-length padded + grad ckpt + Liger", "merge", text4b, {**ckpt, "liger": True, "lengths": var}),
+        "var-packed-flex": ("var-length packed (flex) + grad ckpt + Liger", "merge", text4b,
+                            {**ckpt, "liger": True, "lengths": var, "packed": True}),
+        "var-packed-varlen": ("var-length packed (varlen flash) + grad ckpt + Liger", "merge", text4b,
+                              {**ckpt, "liger": True, "lengths": var, "packed": True, "varlen": True}),
+        "var-pad-noliger": ("var-length padded + grad ckpt", "merge", text4b, {**ckpt, "lengths": var}),
     }
     rows = {}
     for key in args.cases.split(","):
@@ -248,7 +347,7 @@ def main() -> int:
         if device == "cuda":
             torch.cuda.empty_cache()
     for key, base in (("merge-matched-stockvis", "stock"), ("merge-matched", "stock"),
-                      ("merge-matched-ckpt", "stock-ckpt")):
+                      ("merge-matched-ckpt", "stock-ckpt"), ("merge-matched-ckpt-liger", "stock-ckpt")):
         if base in rows and key in rows:
             ratio = rows[key]["tokens_per_s"] / rows[base]["tokens_per_s"]
             print(f"\n{rows[key]['case']} / {rows[base]['case']} tokens/s: {ratio:.3f}")
