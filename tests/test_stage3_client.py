@@ -166,6 +166,34 @@ def test_overflow_that_leaves_less_than_min_tokens_is_final():
     assert res is None and len(stub.seen) == 1
 
 
+def test_prompt_refused_as_too_long_is_a_final_reject_that_reruns_do_not_resend(tmp_path):
+    """Issue 20: such items were "errors": every rerun sent them again and exited 2."""
+    from data_process.stage3.cli import exit_code
+    from data_process.stage3.runner import Checkpoint, Outcome, Task, run_tasks
+
+    async def one_run(client):
+        stats = Stats()
+
+        async def handle(task):
+            res = await client.ask([{"role": "user", "content": task.id}], sample_id=task.id, max_tokens=80,
+                                   context_len=None, seed=1, min_tokens=8)
+            return Outcome("rejected", "prompt_too_long") if res is None else Outcome("ok", None, {"text": res.text})
+
+        with Checkpoint(str(tmp_path / "out.ckpt.jsonl")) as ckpt:
+            done = await run_tasks([Task("long", "k"), Task("short", "k")], handle, ckpt, max_workers=1, stats=stats,
+                                   progress=False)
+        return done, stats
+
+    async def twice(client):
+        return await one_run(client), await one_run(client)
+
+    stub, ((first, stats1), (second, stats2)) = _run(_with_stub(["overflow_engine", "ok"], twice))
+    assert first["long"]["status"] == "rejected" and first["long"]["reason"] == "prompt_too_long"
+    assert first["short"]["status"] == "ok" and len(stub.seen) == 2  # nothing sent by the second run
+    assert stats1.rejected == {"prompt_too_long": 1} and exit_code(stats1) == exit_code(stats2) == 0
+    assert stats2.resumed == 2 and second == first
+
+
 @pytest.mark.parametrize("message, text", [
     ({"content": "\n\nanswer", "reasoning_content": "\n\n"}, "<think>\n\n</think>\n\nanswer"),
     ({"content": "\n\nanswer", "reasoning_content": ""}, "<think>\n\n</think>\n\nanswer"),  # empty thought
@@ -226,7 +254,7 @@ def test_script_without_a_listening_server_fails_fast_with_one_line(script, tmp_
     }[script]
     started = time.monotonic()
     proc = subprocess.run([sys.executable, str(REPO / "data_process" / "stage3" / script), *inputs, "--api_ips", dead,
-                           "--no_progress", "--log_level", "WARNING"], capture_output=True, text=True, timeout=120,
+                           "--no_progress", "--log_level", "ERROR"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 1 and time.monotonic() - started < 60
     lines = proc.stderr.strip().splitlines()

@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 from .client import ChatClient, RetryPolicy, Stats, endpoint_urls
-from .records import checkpoint_path, stats_path
+from .records import checkpoint_path, require_paths, stats_path
 from .runner import Checkpoint, report, run_main, run_tasks
 
 API_KEY_ENV = "OPENAI_API_KEY"
@@ -73,11 +73,29 @@ def add_sampling_args(parser: argparse.ArgumentParser, *, temperature: float | N
                        help="skip an item when less than this many tokens are left for the answer")
 
 
-def script_main(parse_args, amain, name: str, argv: list[str] | None) -> int:
-    """Parse, set up logging, run ``amain(args, logger)`` with clean Ctrl-C/SIGTERM handling."""
+def script_main(parse_args, amain, name: str, argv: list[str] | None, inputs=None) -> int:
+    """Parse, check that the input paths ``inputs(args)`` exist, set up logging, run ``amain(args, logger)``
+    with clean Ctrl-C/SIGTERM handling; file-system errors end it with one line."""
     args = parse_args(argv)
+    if inputs is not None:
+        require_paths(*inputs(args))
     logger = setup(args, name)
-    return run_main(lambda: amain(args, logger))
+    with one_line_os_errors():
+        return run_main(lambda: amain(args, logger))
+
+
+@contextlib.contextmanager
+def one_line_os_errors():
+    """A file-system mistake (missing input, output folder that is a file, no permission, disk full) ends the
+    script with one line naming the path, not a traceback."""
+    try:
+        yield
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        what = err.strerror or str(err)
+        if isinstance(err, FileExistsError) and err.filename and os.path.isfile(err.filename):
+            what = "is a file, not a folder"
+        raise SystemExit(f"error: {where}{what}") from None
 
 
 def api_key(args: argparse.Namespace) -> str:

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -98,20 +99,63 @@ def image_data_url(data: bytes) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
-def read_records(paths: Iterable[str]) -> list[dict]:
-    """Records from JSON list files or JSONL files, in file order."""
+def read_records(paths: Iterable[str], rejects: Counter | None = None) -> list[dict]:
+    """Records from JSON list files or JSONL files, in file order.
+
+    A record with an invalid UTF-8 byte (``bad_utf8``), a lone surrogate such as the valid JSON escape
+    ``"\\ud800"`` (``bad_unicode``), or a JSONL line that is not a JSON object (``bad_json``) is counted in
+    ``rejects`` and skipped; the other records are kept. A JSON list file that does not parse is an error.
+    """
+    rejects = Counter() if rejects is None else rejects
     records: list[dict] = []
     for path in paths:
-        with open(path, encoding="utf-8") as handle:
-            head = handle.read(1)
-            while head and head.isspace():
-                head = handle.read(1)
-            handle.seek(0)
-            if head == "[":
-                records.extend(json.load(handle))
-            else:
-                records.extend(json.loads(line) for line in handle if line.strip())
+        with open(path, "rb") as handle:
+            data = handle.read()
+        if data.lstrip()[:1] == b"[":
+            try:
+                items = json.loads(data.decode("utf-8", "surrogateescape"))
+            except ValueError as err:
+                raise SystemExit(f"error: {path}: not valid JSON ({err})") from None
+            records += [item for item in items if _usable(item, rejects)]
+            continue
+        for line in data.split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                rejects["bad_utf8"] += 1
+                continue
+            except ValueError:
+                rejects["bad_json"] += 1
+                continue
+            if _usable(item, rejects):
+                records.append(item)
     return records
+
+
+def _usable(item: Any, rejects: Counter) -> bool:
+    if not isinstance(item, dict):
+        rejects["bad_json"] += 1
+        return False
+    text = json.dumps(item, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:  # surrogates that stand for undecodable bytes: a bad byte in the file; others: a lone escape
+            text.encode("utf-8", "surrogateescape")
+            rejects["bad_utf8"] += 1
+        except UnicodeEncodeError:
+            rejects["bad_unicode"] += 1
+        return False
+    return True
+
+
+def require_paths(*paths: str) -> None:
+    """Stop with one line naming the first input path that does not exist."""
+    for path in paths:
+        if not os.path.exists(path):
+            raise SystemExit(f"error: {path}: no such file or folder")
 
 
 def checkpoint_path(output_path: str) -> str:

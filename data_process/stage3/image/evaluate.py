@@ -1,7 +1,8 @@
 """Judge the VLM teacher's answers *with the image* and write the training parquet (stage 3, multimodal).
 
 Local checks first: one well-formed ``<think>…</think>`` block with a non-empty thought, GLM's
-``<answer>…</answer>`` wrapper (if present) well formed, balanced ``<|begin_of_box|>`` markers. The judge
+``<answer>…</answer>`` wrapper (if present) well formed, balanced ``<|begin_of_box|>`` markers, and (with
+``--processor``) a training sequence no longer than ``--cutoff_len`` (else ``too_long``). The judge
 gets the image, the question, the original answer and the teacher's answer (without its thoughts).
 Verdicts are stored by sample id in ``<output>.ckpt.jsonl`` (a rerun resumes) and joined back by id, so
 out-of-order completion cannot attach a verdict to the wrong row. Kept rows become
@@ -24,6 +25,7 @@ from data_process.stage3 import cli
 from data_process.stage3.client import Stats
 from data_process.stage3.image.process import DEFAULT_MODEL, image_message
 from data_process.stage3.judge import FormatError, judge_once, judge_prompt, teacher_answer
+from data_process.stage3.length import add_length_args, training_length
 from data_process.stage3.prompts import NO_THINK
 from data_process.stage3.records import ParquetSink, iter_rows
 from data_process.stage3.runner import Task, fingerprint, stable_seed
@@ -37,17 +39,32 @@ def checked(row: dict) -> tuple[str, str]:
     return text, answer
 
 
+def training_row(row: dict, text: str) -> dict:
+    return {"messages": [{"role": "user", "content": "<image>\n" + row["question"]},
+                         {"role": "assistant", "content": text}],
+            "images": row["images"]}
+
+
 def make_tasks(args: argparse.Namespace, stats: Stats):
-    """Judge tasks streamed from the input (rows failing the local checks are counted, not sent)."""
+    """Judge tasks streamed from the input (rows failing the local checks, or longer than the training
+    ``--cutoff_len`` when ``--processor`` is given, are counted, not sent)."""
+    measure = None
+    if args.processor:
+        measure = training_length(args.processor, args.train_image_min_pixels, args.train_image_max_pixels)
     for row in iter_rows(args.input_file):
         if len(row["images"]) != 1 or not row["images"][0].get("bytes"):
             stats.rejected["no_image"] += 1
             continue
         try:
-            _, answer = checked(row)
+            text, answer = checked(row)
         except FormatError as err:
             stats.rejected[f"format_{err.reason}"] += 1
             continue
+        if measure is not None:
+            train = training_row(row, text)
+            if measure.count(train["messages"], [row["images"][0]["bytes"]]) > args.cutoff_len:
+                stats.rejected["too_long"] += 1
+                continue
         prompt = judge_prompt(row["question"], row["reference"], answer, with_image=True)
         prompt += NO_THINK if args.judge_no_think else ""
         seed = stable_seed(args.seed, row["id"], "judge")
@@ -71,15 +88,16 @@ async def amain(args: argparse.Namespace, logger: logging.Logger) -> int:
                                         seed=d["seed"])
             return handle
 
+        if not args.processor:
+            logger.warning("no --processor: rows are not measured against --cutoff_len %d; the trainer may cut "
+                           "long ones", args.cutoff_len)
         done = await cli.run_requests(args, stats, make_tasks(args, stats), factory, output, "judge", total=total)
         with ParquetSink(output) as sink:
             for row in iter_rows(args.input_file):  # second pass: verdicts joined by sample id
                 record = done.get(row["id"])
                 if record and record["status"] == "ok":
                     text, _ = checked(row)
-                    sink.add({"messages": [{"role": "user", "content": "<image>\n" + row["question"]},
-                                           {"role": "assistant", "content": text}],
-                              "images": row["images"]})
+                    sink.add(training_row(row, text))
         stats.extra["input rows"] = total
         stats.extra["kept by the judge"] = sink.rows
         logger.info("kept %d of %d rows -> %s", sink.rows, total, output)
@@ -96,11 +114,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.add_sampling_args(p, temperature=None, top_p=None)
     p.add_argument("--judge_no_think", action="store_true",
                    help="append /no_think to the judge prompt (for Qwen3-style judges)")
+    add_length_args(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.script_main(parse_args, amain, "image.evaluate", argv)
+    return cli.script_main(parse_args, amain, "image.evaluate", argv, inputs=lambda a: [a.input_file])
 
 
 if __name__ == "__main__":

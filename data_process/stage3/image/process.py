@@ -76,7 +76,7 @@ def discover_sources(paths: list[str], exclude: list[str]) -> list[Source]:
     sources: dict[str, Source] = {}
 
     def add(name: str, files: list[str]) -> None:
-        if files and not any(word in name for word in exclude):
+        if files and not any(word.lower() in name.lower() for word in exclude):
             sources.setdefault(name, Source(name, tuple(files)))
 
     for path in paths:
@@ -95,7 +95,7 @@ def discover_sources(paths: list[str], exclude: list[str]) -> list[Source]:
                 elif entry.endswith(".parquet"):
                     add(entry[: -len(".parquet")], [full])
         else:
-            raise SystemExit(f"{path}: no such file or folder")
+            raise SystemExit(f"error: {path}: no such file or folder")
     return list(sources.values())
 
 
@@ -160,7 +160,7 @@ def build_selection(args: argparse.Namespace, output: str, stats: Stats) -> str:
     """Write (or reuse, when inputs and settings are unchanged) the selection parquet; return its path."""
     sources = discover_sources(args.data_dir, args.exclude)
     if not sources:
-        raise SystemExit(f"no parquet sources under {args.data_dir}")
+        raise SystemExit(f"error: no parquet sources under {' '.join(args.data_dir)}")
     per_source = max(1, TEST_MODE_TOTAL // len(sources)) if args.test_mode else args.samples_per_file
     path, meta_path = output + ".selection.parquet", output + ".selection.json"
     signature = selection_signature(sources, args, per_source)
@@ -235,7 +235,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", nargs="+", default=["."], help="parquet files or folders (see above)")
     p.add_argument("--exclude", nargs="*", default=["cc3m", "558k"],
-                   help="skip sources whose name contains any of these")
+                   help="skip sources whose name contains any of these (case-insensitive)")
     p.add_argument("--samples_per_file", type=int, default=1000, help="rows drawn from each source")
     p.add_argument("--test_mode", action="store_true", help=f"{TEST_MODE_TOTAL} rows in total, split over sources")
     p.add_argument("--output_file", default="glm_response.parquet")
@@ -246,7 +246,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.script_main(parse_args, amain, "image.process", argv)
+    return cli.script_main(parse_args, amain, "image.process", argv, inputs=lambda a: a.data_dir)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 The *question itself* is rendered into one or more images (see ``render.py``); the user turn is one
 ``<image>`` per page plus a short instruction (and `` /no_think`` for no-think samples), the assistant turn
-is the teacher's answer with its ``<think>`` block. Output: one parquet file (PNG bytes embedded,
-``messages`` + ``images`` with HF features metadata), written atomically, rows in input order.
+is the teacher's answer with its ``<think>`` block (GLM ``<answer>`` and box markers removed, as in the image
+pipeline). With ``--processor`` (the student model), a row whose training sequence is longer than
+``--cutoff_len`` is dropped as ``too_long`` rather than cut by the trainer. Output: one parquet file (PNG bytes
+embedded, ``messages`` + ``images`` with HF features metadata), written atomically, rows in input order.
 
     python data_process/stage3/text2image/convert.py --input_files evaluated_generated_responses_Qwen3-32B.json \\
         --output_file ./LLaMA-Factory/data/text2image.parquet --max_workers 8
@@ -24,8 +26,18 @@ from concurrent.futures import ProcessPoolExecutor
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 
+from data_process.stage3.cli import one_line_os_errors
+from data_process.stage3.judge import FormatError, teacher_answer
+from data_process.stage3.length import add_length_args, training_length
 from data_process.stage3.prompts import NO_THINK, rendered_instruction
-from data_process.stage3.records import ParquetSink, image_cell, read_records, stats_path, write_json_atomic
+from data_process.stage3.records import (
+    ParquetSink,
+    image_cell,
+    read_records,
+    require_paths,
+    stats_path,
+    write_json_atomic,
+)
 from data_process.stage3.render import RenderConfig, RenderError, language_of, render_text
 from data_process.stage3.runner import stable_seed
 
@@ -35,11 +47,19 @@ _MEDIA_TAG = re.compile(r"<(image|video|audio)>", re.IGNORECASE)
 log = logging.getLogger("text2image.convert")
 
 
-def convert_record(record: dict, config: RenderConfig, seed: int) -> tuple[dict | None, str | None]:
-    """``(row, None)`` for a training row, ``(None, reason)`` for a dropped record."""
+def convert_record(record: dict, config: RenderConfig, seed: int,
+                   length: tuple | None = None) -> tuple[dict | None, str | None]:
+    """``(row, None)`` for a training row, ``(None, reason)`` for a dropped record.
+
+    ``length`` is ``(processor path, cutoff_len, min_pixels, max_pixels)`` or None (no length check).
+    """
     query, response = record.get("query") or "", record.get("response") or ""
     if _MEDIA_TAG.search(response) or _MEDIA_TAG.search(query):
         return None, "media_tag_in_text"
+    try:
+        response, _, _ = teacher_answer(response, require_thought=record.get("mode") != "no_thinking")
+    except FormatError as err:
+        return None, f"format_{err.reason}"
     sample_id = record.get("id") or query
     try:
         rendered = render_text(query, config, random.Random(stable_seed(seed, sample_id, "render")))
@@ -51,19 +71,27 @@ def convert_record(record: dict, config: RenderConfig, seed: int) -> tuple[dict 
         user += NO_THINK
     row = {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": response}],
            "images": [image_cell(page) for page in rendered.pages]}
+    if length is not None:
+        processor, cutoff_len, min_pixels, max_pixels = length
+        if training_length(processor, min_pixels, max_pixels).count(row["messages"], rendered.pages) > cutoff_len:
+            return None, "too_long"
     return row, None
 
 
-def _convert_job(job: tuple[dict, RenderConfig, int]) -> tuple[dict | None, str | None]:
+def _convert_job(job: tuple) -> tuple[dict | None, str | None]:
     return convert_record(*job)
 
 
 def input_paths(args: argparse.Namespace) -> list[str]:
     paths = list(args.input_files or [])
+    require_paths(*paths)
     if args.input_pattern:
-        paths += sorted(glob.glob(args.input_pattern))
+        matched = sorted(glob.glob(args.input_pattern))
+        if not matched:
+            raise SystemExit(f"error: {args.input_pattern}: no file matches")
+        paths += matched
     if not paths:
-        raise SystemExit("no input files (use --input_files or --input_pattern)")
+        raise SystemExit("error: no input files (use --input_files or --input_pattern)")
     return paths
 
 
@@ -83,12 +111,26 @@ def unique_records(records: list[dict], counts: Counter) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with one_line_os_errors():
+        return convert(args)
+
+
+def convert(args: argparse.Namespace) -> int:
     output = args.output_file if args.output_file.endswith(".parquet") else args.output_file + ".parquet"
     config = RenderConfig(fonts=tuple(args.font or ()), font_size=args.font_size, width=args.image_width,
                           max_pixels=args.max_image_pixels, max_pages=args.max_pages, margin=args.margin)
     counts: Counter = Counter()
-    records = unique_records(read_records(input_paths(args)), counts)
-    jobs = ((rec, config, args.seed) for rec in records)
+    paths = input_paths(args)
+    length = None
+    if args.processor:
+        length = (args.processor, args.cutoff_len, args.train_image_min_pixels, args.train_image_max_pixels)
+    else:
+        log.warning("no --processor: rows are not measured against --cutoff_len %d; the trainer may cut long ones",
+                    args.cutoff_len)
+    read = Counter()
+    records = unique_records(read_records(paths, read), counts)
+    counts.update(read)
+    jobs = ((rec, config, args.seed, length) for rec in records)
     workers = max(1, args.max_workers or 1)
     pool = ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext()
     with ParquetSink(output) as sink, pool:
@@ -96,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         for row, reason in results:
             _collect(sink, row, reason, counts)
     modes = Counter(r.get("mode", "unknown") for r in records)
-    stats = {"input records": len(records) + counts["duplicate"], "written": sink.rows,
+    stats = {"input records": len(records) + counts["duplicate"] + sum(read.values()), "written": sink.rows,
+             "length check": f"cutoff_len {args.cutoff_len}" if length else "off",
              "dropped by reason": {k: v for k, v in counts.items() if k != "pages"},
              "pages": counts["pages"], "modes": dict(modes)}
     write_json_atomic(stats_path(output), stats)
@@ -129,6 +172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max_image_pixels", type=int, default=262144,
                    help="pixel budget per image (keep <= the training image_max_pixels so text stays sharp)")
     g.add_argument("--max_pages", type=int, default=6, help="longer questions are dropped, never cut")
+    add_length_args(p)
     p.add_argument("--log_level", default="INFO")
     args = p.parse_args(argv)
     if not args.input_files and not args.input_pattern:

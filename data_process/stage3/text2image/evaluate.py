@@ -47,9 +47,9 @@ def build_tasks(records: list[dict], args: argparse.Namespace, stats: Stats) -> 
 
 
 async def amain(args: argparse.Namespace, log: logging.Logger) -> int:
-    records = read_records([args.input_file])
-    output = args.output_file or os.path.join(args.output_dir, f"evaluated_{os.path.basename(args.input_file)}")
     stats = Stats()
+    records = read_records([args.input_file], stats.rejected)  # unreadable rows: counted as bad_utf8, ...
+    output = args.output_file or os.path.join(args.output_dir, f"evaluated_{os.path.basename(args.input_file)}")
     with cli.final_report(stats, output):
         tasks = build_tasks(records, args, stats)
 
@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.script_main(parse_args, amain, "text2image.evaluate", argv)
+    return cli.script_main(parse_args, amain, "text2image.evaluate", argv, inputs=lambda a: [a.input_file])
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+from collections import Counter
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
@@ -21,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from data_process.stage3 import cli
 from data_process.stage3.client import Stats
 from data_process.stage3.prompts import NO_THINK
-from data_process.stage3.records import write_json_atomic
+from data_process.stage3.records import read_records, write_json_atomic
 from data_process.stage3.runner import Outcome, Task, fingerprint, stable_seed, stable_unit
 
 DEEPSEEK = "Congliu/Chinese-DeepSeek-R1-Distill-data-110k"
@@ -43,38 +44,80 @@ SOURCES = {"deepseek": (deepseek_query, ("input", "content")),
            "alpaca": (alpaca_query, ("instruction", "input", "output"))}
 
 
-def load_rows(spec: str, limit: int | None, split: str = "train", progress: bool = True):
-    """A ``datasets.Dataset`` from a hub id, a local hub-layout folder or a data file."""
+DATA_EXTENSIONS = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv"}
+
+
+def looks_local(spec: str) -> bool:
+    """A path rather than a hub id (``owner/name``)."""
+    return (spec.startswith(("/", ".", "~")) or spec.count("/") != 1 or os.path.exists(spec)
+            or spec.rsplit(".", 1)[-1].lower() in DATA_EXTENSIONS)
+
+
+def load_rows(spec: str, limit: int | None, split: str = "train", progress: bool = True,
+              rejects: Counter | None = None):
+    """Rows (a ``datasets.Dataset`` or a list of dicts) from a hub id, a local hub-layout folder or a data file.
+
+    Local JSON/JSONL files are read line by line, so a bad byte or a lone surrogate costs one counted reject
+    (``rejects``), not the whole file.
+    """
     import datasets
     from datasets import load_dataset
 
     if not progress:
         datasets.disable_progress_bars()
-
-    if os.path.isfile(spec):
-        ext = spec.rsplit(".", 1)[-1].lower()
-        builder = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv"}.get(ext)
-        if builder is None:
-            raise SystemExit(f"{spec}: unsupported file type (json, jsonl, parquet or csv)")
-        ds = load_dataset(builder, data_files=spec, split="train")
-    else:
-        ds = load_dataset(spec, split=split)
+    if looks_local(spec) and not os.path.exists(os.path.expanduser(spec)):
+        raise SystemExit(f"error: {spec}: no such file or folder")
+    spec = os.path.expanduser(spec)
+    files = [spec] if os.path.isfile(spec) else []
+    if os.path.isdir(spec):
+        found = sorted(os.path.join(d, f) for d, _, names in os.walk(spec) for f in names if not f.startswith("."))
+        files = [f for f in found if f.rsplit(".", 1)[-1].lower() in DATA_EXTENSIONS]
+    if files and all(f.rsplit(".", 1)[-1].lower() in ("json", "jsonl") for f in files):
+        rows = read_records(files, rejects)
+        return rows[:limit] if limit is not None else rows
+    try:
+        if os.path.isfile(spec):
+            builder = DATA_EXTENSIONS.get(spec.rsplit(".", 1)[-1].lower())
+            if builder is None:
+                raise SystemExit(f"error: {spec}: unsupported file type (json, jsonl, parquet or csv)")
+            ds = load_dataset(builder, data_files=spec, split="train")
+        else:
+            ds = load_dataset(spec, split=split)
+    except (OSError, ValueError, ImportError) as err:  # datasets' own errors derive from these
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SystemExit(f"error: {spec}: cannot load ({first})") from None
     return ds.select(range(min(limit, len(ds)))) if limit is not None else ds
 
 
-def load_queries(args: argparse.Namespace) -> list[dict]:
+def column_names(rows) -> list[str]:
+    if isinstance(rows, list):
+        return sorted({key for row in rows for key in row})
+    return rows.column_names
+
+
+def load_queries(args: argparse.Namespace, rejects: Counter | None = None) -> list[dict]:
+    """Queries of both sources; rows a reader had to skip are counted in ``rejects`` as ``"<source> <reason>"``."""
     limit = args.num_samples or (TEST_MODE_PER_SOURCE if args.test_mode else None)
     queries = []
     for name, spec in (("deepseek", args.deepseek_dataset), ("alpaca", args.alpaca_dataset)):
         if not spec or spec.lower() == "none":
             continue
         to_query, columns = SOURCES[name]
-        rows = load_rows(spec, limit, progress=not args.no_progress)
-        missing = [c for c in columns if c not in rows.column_names]
+        skipped: Counter = Counter()
+        rows = load_rows(spec, limit, progress=not getattr(args, "no_progress", False), rejects=skipped)
+        if rejects is not None:
+            rejects.update({f"{name} {reason}": n for reason, n in skipped.items()})
+        have = column_names(rows)
+        missing = [c for c in columns if c not in have]
         if missing:
-            raise SystemExit(f"{spec}: missing column(s) {missing} for the {name} schema; has {rows.column_names}")
+            raise SystemExit(f"error: {spec}: missing column(s) {missing} for the {name} schema; has {have}")
         for index, row in enumerate(rows):
-            query, reference = to_query(row)
+            try:
+                query, reference = to_query(row)
+            except KeyError:
+                if rejects is not None:
+                    rejects[f"{name} missing_field"] += 1
+                continue
             if not (query or "").strip():
                 continue
             queries.append({"id": f"{name}-{index:06d}", "source": name, "query_index": index,
@@ -132,10 +175,12 @@ def make_handler(args: argparse.Namespace):
 
 
 async def amain(args: argparse.Namespace, log: logging.Logger) -> int:
-    tasks = build_tasks(load_queries(args), args)
+    skipped: Counter = Counter()
+    tasks = build_tasks(load_queries(args, skipped), args)
     name = os.path.basename(args.model.rstrip("/"))
     output = args.output_file or os.path.join(args.output_dir, f"generated_responses_{name}.json")
     stats = Stats()
+    stats.rejected.update(skipped)  # unreadable input rows
     with cli.final_report(stats, output):
         done = await cli.run_requests(args, stats, tasks, make_handler(args), output, "teacher")
         records = [output_record(t, done[t.id], args.model) for t in tasks if done[t.id]["status"] == "ok"]
