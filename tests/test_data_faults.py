@@ -7,6 +7,8 @@ import base64
 import io
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -317,3 +319,28 @@ def test_read_only_output_folder_is_one_line_error(tmp_path, images):
         assert result.returncode == 1, result.stderr
         assert "Permission denied" in error_lines(result.stderr)[0]
         assert os.listdir(read_only) == []
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_disk_full_mid_shard_is_one_line_and_leaves_no_partial_files(tmp_path, processes):
+    """The write fails part-way (RLIMIT_FSIZE: the kernel refuses to grow a file past 64 KB, as a full disk would)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(8):
+        (images / f"{i}.jpg").write_bytes(fx.jpeg_bytes(320, 240, seed=i, quality=95))
+    source = tmp_path / "llava.jsonl"
+    source.write_text("".join(json.dumps(llava_record(i)) + "\n" for i in range(8)))
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(REPO / "data_process" / "convert.py"), "llava-to-parquet",
+                             str(source), "--image_roots", str(images), "--name", "full", "--output_dir", str(out),
+                             "--rows_per_shard", "4", "--num_processes", processes, "--no_progress"],
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                            timeout=120, preexec_fn=limit_file_size)
+    assert result.returncode == 1
+    assert "File too large" in error_lines(result.stderr)[0]
+    assert leftovers(out) == [] and not (out / "full").exists()
