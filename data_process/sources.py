@@ -199,7 +199,9 @@ def _iter_json_array(path: str, byte_offset: int) -> Iterator[tuple[int, object]
                 byte = ord(bad_byte.group()) - 0xDC00
                 record = Reject("bad_utf8", f"byte 0x{byte:02X} at file byte {reader.byte_at(bad_byte.start())} "
                                             "is not UTF-8", record)
-            yield offset, _bad_unicode(record, reader.buffer, start, end) or record
+            else:
+                record = _bad_unicode(record, reader.buffer, start, end) or record
+            yield offset, record
             reader.pos = end
 
 
@@ -372,20 +374,20 @@ def _text_rows(text: pa.RecordBatch) -> list[dict | Reject]:
     if not text.num_columns:
         return [{} for _ in range(text.num_rows)]
 
-    def dicts(part: pa.RecordBatch) -> list[dict]:
-        return [dict(zip(part.schema.names, row)) for row in zip(*map(_pylist, part.columns))]
-
     try:
-        return dicts(text)
+        return [dict(zip(text.schema.names, row)) for row in zip(*map(_pylist, text.columns))]
     except UnicodeDecodeError:
         pass
     rows = []
     for i in range(text.num_rows):
-        try:
-            rows.append(dicts(text.slice(i, 1))[0])
-        except UnicodeDecodeError as error:
-            shown = error.object[max(0, error.start - 20):error.start + 20]
-            rows.append(Reject("bad_utf8", f"a string is not UTF-8 near {bytes(shown)!r}"))
+        readable, bad = {}, []
+        for name, column in zip(text.schema.names, text.slice(i, 1).columns):
+            try:
+                readable[name] = _pylist(column)[0]
+            except UnicodeDecodeError as error:
+                bad.append(f"{name} near {bytes(error.object[max(0, error.start - 20):error.start + 20])!r}")
+        # the readable columns go with the reject, for its id in the log
+        rows.append(Reject("bad_utf8", f"not UTF-8: {'; '.join(bad)}", readable) if bad else readable)
     return rows
 
 

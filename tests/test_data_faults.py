@@ -145,7 +145,8 @@ def test_invalid_utf8_in_a_hub_parquet_is_a_counted_reject(tmp_path):
     stats = summary(out, "LLaVA_ReCap_558K")
     assert stats["rejected"] == {**expected, "bad_utf8": 1}
     assert stats["rows_in"] == len(rows) == stats["kept"] + sum(stats["rejected"].values())
-    assert [r["row"] for r in rejects(out, "LLaVA_ReCap_558K") if r["reason"] == "bad_utf8"] == [3]
+    bad = [r for r in rejects(out, "LLaVA_ReCap_558K") if r["reason"] == "bad_utf8"]
+    assert [(r["row"], r["id"]) for r in bad] == [(3, "good-3")] and "conversations" in bad[0]["detail"]
 
 
 def test_lone_surrogate_inside_synthdog_ground_truth_is_a_counted_reject(tmp_path):
