@@ -356,15 +356,15 @@ def summary_line(summary: dict) -> str:
 
 # What to do when most rows are rejected for one reason.
 REJECT_HINTS = {
-    "image_path_outside_roots": f"pass --image_roots with the folder the image paths are relative to "
+    "image_path_outside_roots": f"Pass --image_roots with the folder the image paths are relative to "
                                 f"(or set ${IMAGE_ROOTS_ENV})",
-    "image_not_found": f"check that --image_roots (or ${IMAGE_ROOTS_ENV}) is the folder the image paths are "
+    "image_not_found": f"Check that --image_roots (or ${IMAGE_ROOTS_ENV}) is the folder the image paths are "
                        f"relative to",
-    "image_missing": "the rows have no image: a text-only dataset?",
-    "missing_image_tag": "the first user turn has no <image> tag, and this dataset's rule requires one",
-    "invalid_json": "is the file JSON Lines? A .json file must hold one JSON array",
-    "bad_utf8": "the file is not UTF-8 text: convert it (e.g. iconv -f LATIN1 -t UTF-8)",
-    "malformed_row": "the records are not LLaVA-style objects (id, image, conversations)",
+    "image_missing": "The rows have no image: a text-only dataset?",
+    "missing_image_tag": "The first user turn has no <image> tag, and this dataset's rule requires one",
+    "invalid_json": "Is the file JSON Lines? A .json file must hold one JSON array",
+    "bad_utf8": "The file is not UTF-8 text: convert it (e.g. iconv -f LATIN1 -t UTF-8)",
+    "malformed_row": "The records are not LLaVA-style objects (id, image, conversations)",
 }
 DOMINANT_SHARE = 0.5  # a reason that rejects this share of the rows or more is reported
 
@@ -393,10 +393,10 @@ def rejection_report(summary: dict, layout: Layout, may_be_empty: bool = False) 
         return None
     count, reason = reasons[0]
     first = _first_detail(layout, reason)
-    hint = REJECT_HINTS.get(reason, f"see {layout.stats_dir}/shard-*.rejects.jsonl")
-    every = "all " if count == rows else ""
-    line = (f"{summary['name']}: kept {summary['kept']:,} of {summary['rows_in']:,} rows; {every}{count:,} of "
-            f"{rows:,} rejected as {reason}{f' ({first})' if first else ''}. {hint}")
+    hint = REJECT_HINTS.get(reason, f"See {layout.stats_dir}/shard-*.rejects.jsonl")
+    share = f"all {count:,}" if count == rows else f"{count:,} of {rows:,}"
+    line = (f"{summary['name']}: kept {summary['kept']:,} of {summary['rows_in']:,} rows; {share} rejected as "
+            f"{reason}{f' ({first})' if first else ''}. {hint}")
     return ("error" if summary["kept"] == 0 else "warning"), line
 
 
