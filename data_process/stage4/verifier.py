@@ -29,8 +29,8 @@ CORRECTNESS_REASONS = ("no_choice", "wrong_choice", "not_equivalent", "mismatch"
 REASONS = FORMAT_REASONS + CORRECTNESS_REASONS
 
 LETTERS = "ABCDEFGHIJ"
-# "B", "(B)", "B.", "B) text", "B: text", "**B**"; then "answer is B", "option (B)", "choose B".
-_LEADING_LETTER = re.compile(rf"^[\s*(\[]*([{LETTERS}])(?:[\s*)\].:,]|$)")
+# "B", "(B)", "B.", "B) text", "B: text", "**B**"; then "answer is B", "option (B)", "choice: B".
+_LEADING_LETTER = re.compile(rf"^[\s*(\[]*([{LETTERS}])(?:[*)\].:,]|$)")  # not "I pick ..." / "A cat"
 _STATED_LETTER = re.compile(rf"(?i:answer|option|choice)\s*(?i:is|:)?\s*[*(\[]*([{LETTERS}])\b")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
