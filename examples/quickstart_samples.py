@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tests.data_fixtures import make_onevision_repo, make_recap_repo, make_synthdog_repo
+from examples.tiny.hub_layouts import make_onevision_repo, make_recap_repo, make_synthdog_repo
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 200), "gray": (128, 128, 128)}
 

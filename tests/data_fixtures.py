@@ -1,5 +1,5 @@
-"""Local fixtures for the data tests: images (good and broken) and hub datasets written in the hub repos'
-own layouts and schemas (ReCap, synthdog, LLaVA-OneVision-Data), readable by ``datasets.load_dataset(dir)``.
+"""Local fixtures for the data tests: images (good and broken) and the rows of hub datasets (ReCap, synthdog,
+LLaVA-OneVision-Data), written in the hub repos' own layouts by ``examples/tiny/hub_layouts.py``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,14 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from examples.tiny.hub_layouts import (  # noqa: F401  (re-exported for the data tests)
+    hub_features,
+    make_onevision_repo,
+    make_recap_repo,
+    make_synthdog_repo,
+    write_parquet_files,
+)
 
 SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
@@ -124,37 +132,6 @@ def recap_rows(num_good: int = 12, seed: int = 0) -> tuple[list[dict], dict]:
     return rows, expected
 
 
-def _features(kind: str):
-    import datasets
-
-    conversations = [{"from": datasets.Value("string"), "value": datasets.Value("string")}]
-    columns = {
-        "recap": {"id": datasets.Value("string"), "image": datasets.Image(), "conversations": conversations},
-        "synthdog": {"image": datasets.Image(), "ground_truth": datasets.Value("string")},
-        "onevision": {"id": datasets.Value("string"), "image": datasets.Image(), "conversations": conversations,
-                      "data_source": datasets.Value("string")},
-    }[kind]
-    return datasets.Features(columns)
-
-
-def write_parquet_files(rows: list[dict], kind: str, paths: list[Path]) -> None:
-    """Split ``rows`` over ``paths`` as HF datasets would publish them (features metadata included)."""
-    import datasets
-
-    chunks = np.array_split(np.arange(len(rows)), len(paths))
-    for path, chunk in zip(paths, chunks):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part = datasets.Dataset.from_list([rows[i] for i in chunk], features=_features(kind))
-        part.to_parquet(str(path))
-
-
-def make_recap_repo(root: Path, rows: list[dict], num_files: int = 2) -> Path:
-    """``lmms-lab/LLaVA-ReCap-*`` layout: ``data/train-0000x-of-0000n.parquet``."""
-    paths = [root / "data" / f"train-{i:05d}-of-{num_files:05d}.parquet" for i in range(num_files)]
-    write_parquet_files(rows, "recap", paths)
-    return root
-
-
 def synthdog_rows(num_good: int = 6) -> tuple[list[dict], dict]:
     def ground_truth(text):
         return json.dumps({"gt_parse": {"text_sequence": text}, "meta": {"version": "1.0.0"}}, ensure_ascii=False)
@@ -173,24 +150,6 @@ def synthdog_rows(num_good: int = 6) -> tuple[list[dict], dict]:
     rows.append({"image": None, "ground_truth": ground_truth("x")})
     expected = {reason: 1 for reason in bad} | {"image_truncated": 1, "image_missing": 1}
     return rows, expected
-
-
-def make_synthdog_repo(root: Path, rows: list[dict]) -> Path:
-    """``naver-clova-ix/synthdog-*`` layout: ``data/{train,validation}-*.parquet``."""
-    write_parquet_files(rows, "synthdog", [root / "data" / "train-00000-of-00001-abc.parquet"])
-    write_parquet_files(rows[:2], "synthdog", [root / "data" / "validation-00000-of-00001-def.parquet"])
-    return root
-
-
-def make_onevision_repo(root: Path, configs: dict[str, list[dict]]) -> Path:
-    """``lmms-lab/LLaVA-OneVision-Data`` layout: one folder per config plus README configs YAML."""
-    lines = ["---", "configs:"]
-    for config, rows in configs.items():
-        write_parquet_files(rows, "onevision", [root / config / "train-00000-of-00001.parquet"])
-        lines += [f"- config_name: {config}", "  data_files:", "  - split: train", f"    path: {config}/train-*"]
-    lines.append("---")
-    (root / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root
 
 
 def onevision_rows(with_tag: bool = True, count: int = 4, with_image: bool = True) -> list[dict]:

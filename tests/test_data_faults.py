@@ -135,7 +135,7 @@ def test_invalid_utf8_in_a_hub_parquet_is_a_counted_reject(tmp_path):
                                 {"from": "gpt", "value": "MARKER-1234"}]
     path = tmp_path / "recap" / "data" / "train-00000-of-00001.parquet"
     path.parent.mkdir(parents=True)
-    table = datasets.Dataset.from_list(rows, features=fx._features("recap")).data.table
+    table = datasets.Dataset.from_list(rows, features=fx.hub_features("recap")).data.table
     pq.write_table(table, path, compression="none", use_dictionary=False, write_statistics=False)
     _patch_file(path, b"MARKER-1234", b"bad \xc3\x28 text")
     out = tmp_path / "out"
