@@ -388,7 +388,8 @@ def rejection_report(summary: dict, layout: Layout, may_be_empty: bool = False) 
     if summary["kept"] == 0 and may_be_empty:
         return None
     if summary["kept"] == 0 and not reasons:
-        return "error", f"{summary['name']}: no input rows ({summary['source']})"
+        source = summary["source"] if isinstance(summary["source"], str) else ", ".join(summary["source"])
+        return "error", f"{summary['name']}: no input rows in {source}"
     if not reasons or reasons[0][0] < DOMINANT_SHARE * rows:
         return None
     count, reason = reasons[0]
