@@ -238,6 +238,14 @@ def test_forgotten_image_roots_fails_loudly_and_says_what_to_pass(tmp_path, imag
                          "--output_dir", str(out), "--overwrite", *QUIET]) == 0
 
 
+def test_empty_input_file_is_an_error(tmp_path, images, capsys):
+    source = tmp_path / "empty.jsonl"
+    source.write_text("\n")
+    assert convert.main(["llava-to-parquet", str(source), "--image_roots", str(images), "--name", "empty",
+                         "--output_dir", str(tmp_path / "out"), *QUIET]) == 1
+    assert any("no input rows in" in line and "empty.jsonl" in line for line in error_lines(capsys.readouterr().err))
+
+
 def test_one_reason_rejecting_most_rows_is_a_warning(tmp_path, images, capsys):
     source = tmp_path / "llava.jsonl"
     records = [llava_record(i) for i in range(8)]
