@@ -769,8 +769,8 @@ def write_error(e: OSError, output: Path, total: int) -> MergeError:
             free = f"{shutil.disk_usage(output.parent).free / 1e9:.2f} GB free"
         except OSError:
             free = "free space unknown"
-        return MergeError(f"cannot write {where}: {e.strerror} (the merge needs {total / 1e9:.2f} GB, {free} on "
-                          f"{output.parent}); free some space or choose another --output-path")
+        return MergeError(f"cannot write the merged model to {output.parent}: {e.strerror} (its weights need "
+                          f"{total / 1e9:.2f} GB, {free} there); free some space or choose another --output-path")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return MergeError(f"cannot write to {output.parent}: {e.strerror}; choose a writable --output-path")
     return MergeError(f"cannot write {where}: {e.strerror or e}")

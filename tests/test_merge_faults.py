@@ -200,3 +200,25 @@ def test_kill_9_mid_merge_then_next_run_removes_the_stale_staging_folder(tiny_qw
     assert proc.returncode == 0, proc.stderr
     assert f"removed .out.partial-{child.pid}" in proc.stderr and f"pid {child.pid}" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_output_moved_aside_by_a_killed_overwrite_is_restored(tiny_qwen25vl, tiny_qwen3, tmp_path):
+    """kill -9 between the two renames of --overwrite leaves the previous output as .NAME.old-PID and no NAME: the next
+    run puts it back (and, without --overwrite, keeps it)."""
+    pid = dead_pid()
+    old = tmp_path / f".out.old-{pid}"
+    old.mkdir()
+    (old / "config.json").write_text("{}")
+    proc = merge_cli(tiny_qwen25vl, tiny_qwen3, tmp_path / "out")
+    notice, error = proc.stderr.strip().split("\n")  # what was repaired, then why nothing was written
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"restored out from .out.old-{pid}" in notice
+    assert "exists and is not empty" in error and "--overwrite" in error  # the restored output is protected
+    assert (tmp_path / "out/config.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
