@@ -168,7 +168,7 @@ def test_overflow_that_leaves_less_than_min_tokens_is_final():
 
 def test_prompt_refused_as_too_long_is_a_final_reject_that_reruns_do_not_resend(tmp_path):
     """Issue 20: such items were "errors": every rerun sent them again and exited 2."""
-    from data_process.stage3.cli import exit_code
+    from data_process.stage3.runner import exit_code
     from data_process.stage3.runner import Checkpoint, Outcome, Task, run_tasks
 
     async def one_run(client):
@@ -291,7 +291,8 @@ def _onevision_file(tmp_path: Path) -> Path:
     from data_process.common import OUTPUT_SCHEMA
 
     path = tmp_path / "vqa.parquet"
-    rows = [{"messages": [{"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": "Red."}],
+    rows = [{"messages": [{"role": "user", "content": "<image>\nWhat colour?"},
+                          {"role": "assistant", "content": "Red."}],
              "images": [{"bytes": _png(), "path": None}]}]
     pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), path)
     return path
@@ -304,7 +305,8 @@ def _answered_file(tmp_path: Path) -> Path:
     from data_process.stage3.image.process import OUTPUT_SCHEMA
 
     path = tmp_path / "answered.parquet"
-    rows = [{"messages": [{"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": "Red."}],
+    rows = [{"messages": [{"role": "user", "content": "<image>\nWhat colour?"},
+                          {"role": "assistant", "content": "Red."}],
              "images": [{"bytes": _png(), "path": None}], "id": "vqa/vqa.parquet:0", "source": "vqa",
              "source_file": "vqa.parquet", "row": 0, "question": "What colour?", "reference": "Red.",
              "teacher_response": "<think>look</think><answer>Red.</answer>", "teacher_model": "m",
@@ -385,7 +387,7 @@ def test_vllm_server_helper_starts_waits_and_stops_the_whole_group(tmp_path, mon
 
 
 def test_api_key_is_never_logged(caplog, monkeypatch):
-    from data_process.stage3 import cli
+    from data_process.stage3 import cli, runner
     from data_process.stage3.image import evaluate
 
     monkeypatch.setenv(cli.API_KEY_ENV, "sk-from-env")
@@ -395,6 +397,6 @@ def test_api_key_is_never_logged(caplog, monkeypatch):
     assert "sk-secret-123" not in caplog.text and '"api_key": "***"' in caplog.text
     assert cli.api_key(args) == "sk-secret-123"
     assert cli.api_key(evaluate.parse_args([])) == "sk-from-env"
-    client = cli.make_client(args, Stats())
+    client = runner.make_client(args, Stats())
     assert [e.base_url for e in client.pool.endpoints] == ["http://h1:8000/v1", "http://h2:8000/v1"]
     assert "sk-secret-123" not in repr(vars(client.pool))

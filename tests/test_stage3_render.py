@@ -12,7 +12,6 @@ from PIL import Image, ImageDraw
 
 from data_process.stage3 import render
 
-
 QUESTION = ("计算定积分 ∫₀¹ x² dx，并说明每一步。\nThen explain, in English, why the result is 1/3 — "
             "and check it with code:\n```python\nprint(sum((i / 1000) ** 2 for i in range(1000)) / 1000)\n```")
 

@@ -38,7 +38,8 @@ def png(width: int, height: int, colour=(200, 30, 30)) -> bytes:
 
 
 def onevision_file(path: Path, question: str = "What colour is it?") -> Path:
-    rows = [{"messages": [{"role": "user", "content": f"<image>\n{question}"}, {"role": "assistant", "content": "Red."}],
+    rows = [{"messages": [{"role": "user", "content": f"<image>\n{question}"},
+                          {"role": "assistant", "content": "Red."}],
              "images": [{"bytes": png(64, 48), "path": None}]}]
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), path)

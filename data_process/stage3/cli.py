@@ -1,16 +1,11 @@
-"""Command-line flags shared by the stage-3 scripts, and the objects built from them."""
+"""Command-line flags shared by the stage-3 scripts (the driver that runs them is ``runner.run_step``)."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 from typing import Any
-
-from .client import ChatClient, RetryPolicy, Stats, endpoint_urls
-from .records import checkpoint_path, require_paths, stats_path
-from .runner import Checkpoint, report, run_main, run_tasks
 
 API_KEY_ENV = "OPENAI_API_KEY"
 
@@ -73,42 +68,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, *, temperature: float | N
                        help="skip an item when less than this many tokens are left for the answer")
 
 
-def script_main(parse_args, amain, name: str, argv: list[str] | None, inputs=None) -> int:
-    """Parse, check that the input paths ``inputs(args)`` exist, set up logging, run ``amain(args, logger)``
-    with clean Ctrl-C/SIGTERM handling; file-system errors end it with one line."""
-    args = parse_args(argv)
-    if inputs is not None:
-        require_paths(*inputs(args))
-    logger = setup(args, name)
-    with one_line_os_errors():
-        return run_main(lambda: amain(args, logger))
-
-
-@contextlib.contextmanager
-def one_line_os_errors():
-    """A file-system mistake (missing input, output folder that is a file, no permission, disk full) ends the
-    script with one line naming the path, not a traceback."""
-    try:
-        yield
-    except OSError as err:
-        where = f"{err.filename}: " if err.filename else ""
-        what = err.strerror or str(err)
-        if isinstance(err, FileExistsError) and err.filename and os.path.isfile(err.filename):
-            what = "is a file, not a folder"
-        raise SystemExit(f"error: {where}{what}") from None
-
-
 def api_key(args: argparse.Namespace) -> str:
     return args.api_key or os.environ.get(API_KEY_ENV) or "EMPTY"
-
-
-def make_client(args: argparse.Namespace, stats: Stats) -> ChatClient:
-    return ChatClient(
-        endpoint_urls(args.api_ips, args.api_base_template), model=args.model, api_key=api_key(args),
-        endpoint_policy=args.endpoint_policy,
-        retry=RetryPolicy(args.max_retries, args.retry_base_delay, args.retry_max_delay),
-        request_timeout=args.request_timeout, timeout_per_token=args.timeout_per_token,
-        extra_body=args.extra_body, stats=stats, seed=args.seed, context_margin=args.context_margin)
 
 
 def public_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -127,38 +88,8 @@ def setup(args: argparse.Namespace, name: str) -> logging.Logger:
     return log
 
 
-async def run_requests(args: argparse.Namespace, stats: Stats, tasks, make_handler, output: str,
-                       desc: str, total: int | None = None) -> dict[str, dict]:
-    """Open the client, read the server context length, run ``tasks`` against ``<output>.ckpt.jsonl``.
+def make_client(args: argparse.Namespace, stats):
+    """The client the flags describe (kept here for callers outside stage 3; it lives in ``runner``)."""
+    from .runner import make_client as build  # runner imports this module: import at call time
 
-    ``make_handler(client, context_len)`` returns the per-task coroutine function.
-    """
-    async with make_client(args, stats) as client:
-        server_len = await client.probe()  # fails at once, with one line, when no endpoint answers
-        context_len = args.max_model_len or server_len
-        total = len(tasks) if total is None else total
-        logging.getLogger(__name__).info("%d tasks, server context length %s", total, context_len)
-        with Checkpoint(checkpoint_path(output)) as ckpt:
-            return await run_tasks(tasks, make_handler(client, context_len), ckpt, max_workers=args.max_workers,
-                                   stats=stats, desc=desc, total=total, progress=not args.no_progress)
-
-
-@contextlib.contextmanager
-def final_report(stats: Stats, output: str):
-    """Print and save the statistics when the block ends, however it ends (except a one-line usage error
-    before any request: ``SystemExit`` passes through alone)."""
-    try:
-        yield
-    except SystemExit:
-        if stats.items:  # work had started: say what was done
-            report(stats, stats_path(output), interrupted=True)
-        raise
-    except BaseException:
-        report(stats, stats_path(output), interrupted=True)
-        raise
-    report(stats, stats_path(output), interrupted=False)
-
-
-def exit_code(stats: Stats) -> int:
-    """0, or 2 when some items failed after all retries (a rerun sends them again)."""
-    return 2 if stats.failed else 0
+    return build(args, stats)

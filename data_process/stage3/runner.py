@@ -1,4 +1,5 @@
-"""Run many requests with bounded concurrency, an append-only checkpoint and resume.
+"""Run many requests with bounded concurrency, an append-only checkpoint and resume; and the one driver of
+the four request-making stage-3 scripts (:class:`Step`, :func:`run_step`).
 
 Checkpoint: one JSON line per finished task ``{"id", "key", "status", "reason", "result"}``, written with a
 single ``write`` as soon as the task ends. A killed run leaves whole lines (a torn last line is detected and
@@ -8,7 +9,9 @@ a line whose key no longer matches (changed input, model or parameters) does not
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,11 +20,13 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from .client import RequestFailed, Stats
+from . import cli
+from .client import ChatClient, RequestFailed, RetryPolicy, Stats, endpoint_urls
+from .records import checkpoint_path, require_paths, stats_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +210,111 @@ def report(stats: Stats, path: str | None, **extra: Any) -> dict:
     log.info("stats: %s", json.dumps(data, ensure_ascii=False))
     print(json.dumps(data, ensure_ascii=False, indent=1), file=sys.stderr)
     if path:
-        from .records import write_json_atomic
         write_json_atomic(path, data)
     return data
+
+
+# ----------------------------------------------------------------------------------------------- the driver
+
+class Step(Protocol):
+    """What one request-making script owns; :func:`run_step` does the rest (flags checked, logging, client,
+    server probe, checkpoint and resume, signals, statistics, exit code)."""
+
+    name: str  # logger name, e.g. "image.evaluate"
+    desc: str  # progress-bar label
+
+    def parse_args(self, argv: list[str] | None) -> argparse.Namespace: ...
+
+    def inputs(self, args: argparse.Namespace) -> list[str]:
+        """Input paths that must exist (checked before anything else)."""
+
+    def output(self, args: argparse.Namespace) -> str: ...
+
+    def tasks(self, args: argparse.Namespace, stats: Stats) -> tuple[Iterable[Task], int]:
+        """The tasks (may be a lazy iterable) and how many there are; local rejects go to ``stats``."""
+
+    async def handle(self, client: ChatClient, task: Task, context_len: int | None,
+                     args: argparse.Namespace) -> Outcome: ...
+
+    def write(self, tasks: Iterable[Task], done: dict[str, dict], args: argparse.Namespace, stats: Stats,
+              log: logging.Logger) -> None:
+        """Write the output from the checkpoint records ``done`` (joined by task id)."""
+
+
+def run_step(step: Step, argv: list[str] | None = None) -> int:
+    """Run a :class:`Step` as a script; return its exit code (0, 2 when items failed after all retries)."""
+    args = step.parse_args(argv)
+    require_paths(*step.inputs(args))
+    log = cli.setup(args, step.name)
+
+    async def main() -> int:
+        stats = Stats()
+        output = step.output(args)
+        with final_report(stats, output):
+            tasks, total = step.tasks(args, stats)
+            done = await run_requests(args, stats, tasks, step, output, total)
+            step.write(tasks, done, args, stats, log)
+        return exit_code(stats)
+
+    with one_line_os_errors():
+        return run_main(main)
+
+
+@contextlib.contextmanager
+def one_line_os_errors():
+    """A file-system mistake (missing input, output folder that is a file, no permission, disk full) ends the
+    script with one line naming the path, not a traceback."""
+    try:
+        yield
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        what = err.strerror or str(err)
+        if isinstance(err, FileExistsError) and err.filename and os.path.isfile(err.filename):
+            what = "is a file, not a folder"
+        raise SystemExit(f"error: {where}{what}") from None
+
+
+def make_client(args: argparse.Namespace, stats: Stats) -> ChatClient:
+    return ChatClient(
+        endpoint_urls(args.api_ips, args.api_base_template), model=args.model, api_key=cli.api_key(args),
+        endpoint_policy=args.endpoint_policy,
+        retry=RetryPolicy(args.max_retries, args.retry_base_delay, args.retry_max_delay),
+        request_timeout=args.request_timeout, timeout_per_token=args.timeout_per_token,
+        extra_body=args.extra_body, stats=stats, seed=args.seed, context_margin=args.context_margin)
+
+
+async def run_requests(args: argparse.Namespace, stats: Stats, tasks: Iterable[Task], step: Step, output: str,
+                       total: int) -> dict[str, dict]:
+    """Open the client, probe the servers (their context length), run ``tasks`` against ``<output>.ckpt.jsonl``."""
+    async with make_client(args, stats) as client:
+        server_len = await client.probe()  # fails at once, with one line, when no endpoint answers
+        context_len = args.max_model_len or server_len
+        log.info("%d tasks, server context length %s", total, context_len)
+
+        async def handle(task: Task) -> Outcome:
+            return await step.handle(client, task, context_len, args)
+
+        with Checkpoint(checkpoint_path(output)) as ckpt:
+            return await run_tasks(tasks, handle, ckpt, max_workers=args.max_workers, stats=stats, desc=step.desc,
+                                   total=total, progress=not args.no_progress)
+
+
+@contextlib.contextmanager
+def final_report(stats: Stats, output: str):
+    """Print and save the statistics when the block ends, however it ends (except a one-line usage error
+    before any request: ``SystemExit`` passes through alone)."""
+    try:
+        yield
+    except SystemExit:
+        if stats.items:  # work had started: say what was done
+            report(stats, stats_path(output), interrupted=True)
+        raise
+    except BaseException:
+        report(stats, stats_path(output), interrupted=True)
+        raise
+    report(stats, stats_path(output), interrupted=False)
+
+
+def exit_code(stats: Stats) -> int:
+    """0, or 2 when some items failed after all retries (a rerun sends them again)."""
+    return 2 if stats.failed else 0

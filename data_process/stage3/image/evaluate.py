@@ -28,7 +28,7 @@ from data_process.stage3.judge import FormatError, judge_once, judge_prompt, tea
 from data_process.stage3.length import add_length_args, training_length
 from data_process.stage3.prompts import NO_THINK
 from data_process.stage3.records import ParquetSink, iter_rows
-from data_process.stage3.runner import Task, fingerprint, stable_seed
+from data_process.stage3.runner import Task, fingerprint, run_step, stable_seed
 
 log = logging.getLogger("image.evaluate")
 
@@ -73,35 +73,46 @@ def make_tasks(args: argparse.Namespace, stats: Stats):
         yield Task(row["id"], key, {"prompt": prompt, "image": row["images"][0]["bytes"], "seed": seed})
 
 
-async def amain(args: argparse.Namespace, logger: logging.Logger) -> int:
-    stats = Stats()
-    output = args.output_file
-    with cli.final_report(stats, output):
-        total = sum(1 for _ in iter_rows(args.input_file, ["id"]))
+class JudgeStep:
+    """image/evaluate.py for :func:`run_step`: local checks -> judge with the image -> kept training rows."""
 
-        def factory(client, context_len):
-            async def handle(task: Task):
-                d = task.data
-                content = image_message(d["image"], d["prompt"])[0]["content"]
-                return await judge_once(client, content, sample_id=task.id, max_tokens=args.max_tokens,
-                                        context_len=context_len, temperature=args.temperature, top_p=args.top_p,
-                                        seed=d["seed"])
-            return handle
+    name, desc = "image.evaluate", "judge"
 
+    def parse_args(self, argv: list[str] | None) -> argparse.Namespace:
+        return parse_args(argv)
+
+    def inputs(self, args: argparse.Namespace) -> list[str]:
+        return [args.input_file]
+
+    def output(self, args: argparse.Namespace) -> str:
+        return args.output_file
+
+    def tasks(self, args: argparse.Namespace, stats: Stats):
         if not args.processor:
-            logger.warning("no --processor: rows are not measured against --cutoff_len %d; the trainer may cut "
-                           "long ones", args.cutoff_len)
-        done = await cli.run_requests(args, stats, make_tasks(args, stats), factory, output, "judge", total=total)
-        with ParquetSink(output) as sink:
+            log.warning("no --processor: rows are not measured against --cutoff_len %d; the trainer may cut "
+                        "long ones", args.cutoff_len)
+        return make_tasks(args, stats), sum(1 for _ in iter_rows(args.input_file, ["id"]))
+
+    async def handle(self, client, task: Task, context_len: int | None, args: argparse.Namespace):
+        d = task.data
+        content = image_message(d["image"], d["prompt"])[0]["content"]
+        return await judge_once(client, content, sample_id=task.id, max_tokens=args.max_tokens,
+                                context_len=context_len, temperature=args.temperature, top_p=args.top_p,
+                                seed=d["seed"])
+
+    def write(self, tasks, done: dict[str, dict], args: argparse.Namespace, stats: Stats,
+              log: logging.Logger) -> None:
+        total = 0
+        with ParquetSink(args.output_file) as sink:
             for row in iter_rows(args.input_file):  # second pass: verdicts joined by sample id
+                total += 1
                 record = done.get(row["id"])
                 if record and record["status"] == "ok":
                     text, _ = checked(row)
                     sink.add(training_row(row, text))
         stats.extra["input rows"] = total
         stats.extra["kept by the judge"] = sink.rows
-        logger.info("kept %d of %d rows -> %s", sink.rows, total, output)
-    return cli.exit_code(stats)
+        log.info("kept %d of %d rows -> %s", sink.rows, total, args.output_file)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -119,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.script_main(parse_args, amain, "image.evaluate", argv, inputs=lambda a: [a.input_file])
+    return run_step(JudgeStep(), argv)
 
 
 if __name__ == "__main__":

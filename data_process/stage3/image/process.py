@@ -39,7 +39,7 @@ from data_process.stage3.records import (
     sharegpt_schema,
     write_json_atomic,
 )
-from data_process.stage3.runner import Outcome, Task, fingerprint, stable_seed
+from data_process.stage3.runner import Outcome, Task, fingerprint, run_step, stable_seed
 
 DEFAULT_MODEL = "THUDM/GLM-4.1V-9B-Thinking"
 TEST_MODE_TOTAL = 100
@@ -151,6 +151,10 @@ def sample_source(source: Source, k: int, seed: int, counts: Counter) -> list[di
     return [item for _, _, item in sorted(reservoir, key=lambda entry: entry[:2])]
 
 
+def selection_path(output: str) -> str:
+    return output + ".selection.parquet"
+
+
 def selection_signature(sources: list[Source], args: argparse.Namespace, per_source: int) -> dict:
     files = {f: [os.path.getsize(f), int(os.path.getmtime(f))] for s in sources for f in s.files}
     return {"files": files, "per_source": per_source, "seed": args.seed, "version": 1}
@@ -162,7 +166,7 @@ def build_selection(args: argparse.Namespace, output: str, stats: Stats) -> str:
     if not sources:
         raise SystemExit(f"error: no parquet sources under {' '.join(args.data_dir)}")
     per_source = max(1, TEST_MODE_TOTAL // len(sources)) if args.test_mode else args.samples_per_file
-    path, meta_path = output + ".selection.parquet", output + ".selection.json"
+    path, meta_path = selection_path(output), output + ".selection.json"
     signature = selection_signature(sources, args, per_source)
     if os.path.exists(path) and os.path.exists(meta_path):
         with open(meta_path, encoding="utf-8") as handle:
@@ -194,32 +198,41 @@ def make_tasks(selection: str, args: argparse.Namespace):
         yield Task(row["id"], key, {"question": row["question"], "image": row["images"][0]["bytes"], "seed": seed})
 
 
-async def amain(args: argparse.Namespace, logger: logging.Logger) -> int:
-    stats = Stats()
-    output = args.output_file
-    with cli.final_report(stats, output):
-        selection = build_selection(args, output, stats)
-        total = sum(1 for _ in iter_rows(selection, ["id"]))
+class TeacherStep:
+    """image/process.py for :func:`run_step`: selection -> teacher requests -> answered rows with their images."""
 
-        def factory(client, context_len):
-            async def handle(task: Task) -> Outcome:
-                d = task.data
-                res = await client.ask(image_message(d["image"], d["question"]), sample_id=task.id,
-                                       max_tokens=args.max_tokens, context_len=context_len, seed=d["seed"],
-                                       temperature=args.temperature, top_p=args.top_p, min_tokens=args.min_tokens)
-                if res is None:
-                    return Outcome("rejected", "prompt_too_long")
-                result = {"teacher_response": res.text, "finish_reason": res.finish_reason,
-                          "token_usage": res.usage, "seed": d["seed"]}
-                if res.finish_reason != "stop":
-                    return Outcome("rejected", f"finish_{res.finish_reason}", result)
-                return Outcome("ok", None, result)
-            return handle
+    name, desc = "image.process", "teacher"
 
-        done = await cli.run_requests(args, stats, make_tasks(selection, args), factory, output, "teacher",
-                                      total=total)
-        with ParquetSink(output, OUTPUT_SCHEMA) as sink:
-            for row in iter_rows(selection):  # second pass: join answers and images by sample id
+    def parse_args(self, argv: list[str] | None) -> argparse.Namespace:
+        return parse_args(argv)
+
+    def inputs(self, args: argparse.Namespace) -> list[str]:
+        return args.data_dir
+
+    def output(self, args: argparse.Namespace) -> str:
+        return args.output_file
+
+    def tasks(self, args: argparse.Namespace, stats: Stats):
+        selection = build_selection(args, args.output_file, stats)
+        return make_tasks(selection, args), sum(1 for _ in iter_rows(selection, ["id"]))
+
+    async def handle(self, client, task: Task, context_len: int | None, args: argparse.Namespace) -> Outcome:
+        d = task.data
+        res = await client.ask(image_message(d["image"], d["question"]), sample_id=task.id,
+                               max_tokens=args.max_tokens, context_len=context_len, seed=d["seed"],
+                               temperature=args.temperature, top_p=args.top_p, min_tokens=args.min_tokens)
+        if res is None:
+            return Outcome("rejected", "prompt_too_long")
+        result = {"teacher_response": res.text, "finish_reason": res.finish_reason, "token_usage": res.usage,
+                  "seed": d["seed"]}
+        if res.finish_reason != "stop":
+            return Outcome("rejected", f"finish_{res.finish_reason}", result)
+        return Outcome("ok", None, result)
+
+    def write(self, tasks, done: dict[str, dict], args: argparse.Namespace, stats: Stats,
+              log: logging.Logger) -> None:
+        with ParquetSink(args.output_file, OUTPUT_SCHEMA) as sink:
+            for row in iter_rows(selection_path(args.output_file)):  # second pass: answers joined by sample id
                 record = done.get(row["id"])
                 if record and record["status"] == "ok":
                     r = record["result"]
@@ -227,8 +240,7 @@ async def amain(args: argparse.Namespace, logger: logging.Logger) -> int:
                               "finish_reason": r["finish_reason"], "seed": r["seed"],
                               "token_usage": json.dumps(r["token_usage"])})
         stats.extra["written"] = sink.rows
-        logger.info("wrote %d answered rows (with their images) to %s", sink.rows, output)
-    return cli.exit_code(stats)
+        log.info("wrote %d answered rows (with their images) to %s", sink.rows, args.output_file)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -246,7 +258,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.script_main(parse_args, amain, "image.process", argv, inputs=lambda a: a.data_dir)
+    return run_step(TeacherStep(), argv)
 
 
 if __name__ == "__main__":

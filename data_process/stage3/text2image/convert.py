@@ -26,7 +26,6 @@ from concurrent.futures import ProcessPoolExecutor
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 
-from data_process.stage3.cli import one_line_os_errors
 from data_process.stage3.judge import FormatError, teacher_answer
 from data_process.stage3.length import add_length_args, training_length
 from data_process.stage3.prompts import NO_THINK, rendered_instruction
@@ -39,7 +38,7 @@ from data_process.stage3.records import (
     write_json_atomic,
 )
 from data_process.stage3.render import RenderConfig, RenderError, language_of, render_text
-from data_process.stage3.runner import stable_seed
+from data_process.stage3.runner import one_line_os_errors, stable_seed
 
 IMAGE_PLACEHOLDER = "<image>"
 _MEDIA_TAG = re.compile(r"<(image|video|audio)>", re.IGNORECASE)

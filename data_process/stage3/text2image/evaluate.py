@@ -23,7 +23,7 @@ from data_process.stage3.client import Stats
 from data_process.stage3.judge import FormatError, judge_once, judge_prompt, teacher_answer
 from data_process.stage3.prompts import NO_THINK
 from data_process.stage3.records import read_records, write_json_atomic
-from data_process.stage3.runner import Task, fingerprint, stable_seed
+from data_process.stage3.runner import Task, fingerprint, run_step, stable_seed
 
 MANY_WORKERS = 2048
 
@@ -46,21 +46,34 @@ def build_tasks(records: list[dict], args: argparse.Namespace, stats: Stats) -> 
     return tasks
 
 
-async def amain(args: argparse.Namespace, log: logging.Logger) -> int:
-    stats = Stats()
-    records = read_records([args.input_file], stats.rejected)  # unreadable rows: counted as bad_utf8, ...
-    output = args.output_file or os.path.join(args.output_dir, f"evaluated_{os.path.basename(args.input_file)}")
-    with cli.final_report(stats, output):
+class JudgeStep:
+    """text2image/evaluate.py for :func:`run_step`: local checks -> judge -> JSON list of kept records."""
+
+    name, desc = "text2image.evaluate", "judge"
+
+    def parse_args(self, argv: list[str] | None) -> argparse.Namespace:
+        return parse_args(argv)
+
+    def inputs(self, args: argparse.Namespace) -> list[str]:
+        return [args.input_file]
+
+    def output(self, args: argparse.Namespace) -> str:
+        return args.output_file or os.path.join(args.output_dir, f"evaluated_{os.path.basename(args.input_file)}")
+
+    def tasks(self, args: argparse.Namespace, stats: Stats):
+        records = read_records([args.input_file], stats.rejected)  # unreadable rows: counted as bad_utf8, ...
+        stats.extra["input records"] = len(records) + sum(stats.rejected.values())
         tasks = build_tasks(records, args, stats)
+        return tasks, len(tasks)
 
-        def factory(client, context_len):
-            async def handle(task: Task):
-                return await judge_once(client, task.data["content"], sample_id=task.id, max_tokens=args.max_tokens,
-                                        context_len=context_len, temperature=args.temperature, top_p=args.top_p,
-                                        seed=task.data["seed"])
-            return handle
+    async def handle(self, client, task: Task, context_len: int | None, args: argparse.Namespace):
+        return await judge_once(client, task.data["content"], sample_id=task.id, max_tokens=args.max_tokens,
+                                context_len=context_len, temperature=args.temperature, top_p=args.top_p,
+                                seed=task.data["seed"])
 
-        done = await cli.run_requests(args, stats, tasks, factory, output, "judge")
+    def write(self, tasks: list[Task], done: dict[str, dict], args: argparse.Namespace, stats: Stats,
+              log: logging.Logger) -> None:
+        output = self.output(args)
         kept = []
         for task in tasks:  # input order; each verdict is looked up by its own sample id
             record = done[task.id]
@@ -68,10 +81,8 @@ async def amain(args: argparse.Namespace, log: logging.Logger) -> int:
                 kept.append({**task.data["record"], "id": task.id, "extracted_response": task.data["answer"],
                              **record["result"]})
         write_json_atomic(output, kept)
-        stats.extra["input records"] = len(records)
         stats.extra["kept by the judge"] = len(kept)
-        log.info("kept %d of %d records -> %s", len(kept), len(records), output)
-    return cli.exit_code(stats)
+        log.info("kept %d of %d records -> %s", len(kept), stats.extra["input records"], output)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.script_main(parse_args, amain, "text2image.evaluate", argv, inputs=lambda a: [a.input_file])
+    return run_step(JudgeStep(), argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from data_process.stage3 import cli
 from data_process.stage3.client import Stats
 from data_process.stage3.prompts import NO_THINK
 from data_process.stage3.records import read_records, write_json_atomic
-from data_process.stage3.runner import Outcome, Task, fingerprint, stable_seed, stable_unit
+from data_process.stage3.runner import Outcome, Task, fingerprint, run_step, stable_seed, stable_unit
 
 DEEPSEEK = "Congliu/Chinese-DeepSeek-R1-Distill-data-110k"
 ALPACA = "tatsu-lab/alpaca"
@@ -156,39 +156,46 @@ def output_record(task: Task, record: dict, model: str) -> dict:
             "seed": d["seed"], "max_tokens": r["max_tokens"]}
 
 
-def make_handler(args: argparse.Namespace):
-    def factory(client, context_len):
-        async def handle(task: Task) -> Outcome:
-            d = task.data
-            res = await client.ask([{"role": "user", "content": d["content"]}], sample_id=task.id,
-                                   max_tokens=args.max_tokens, context_len=context_len, seed=d["seed"],
-                                   temperature=d["temperature"], top_p=d["top_p"], min_tokens=args.min_tokens)
-            if res is None:
-                return Outcome("rejected", "prompt_too_long")
-            result = {"response": res.text, "finish_reason": res.finish_reason, "token_usage": res.usage,
-                      "max_tokens": res.max_tokens}
-            if res.finish_reason != "stop":
-                return Outcome("rejected", f"finish_{res.finish_reason}", result)
-            return Outcome("ok", None, result)
-        return handle
-    return factory
+class TeacherStep:
+    """text2image/process.py for :func:`run_step`: queries -> teacher requests -> JSON list of answers."""
 
+    name, desc = "text2image.process", "teacher"
 
-async def amain(args: argparse.Namespace, log: logging.Logger) -> int:
-    skipped: Counter = Counter()
-    tasks = build_tasks(load_queries(args, skipped), args)
-    name = os.path.basename(args.model.rstrip("/"))
-    output = args.output_file or os.path.join(args.output_dir, f"generated_responses_{name}.json")
-    stats = Stats()
-    stats.rejected.update(skipped)  # unreadable input rows
-    with cli.final_report(stats, output):
-        done = await cli.run_requests(args, stats, tasks, make_handler(args), output, "teacher")
+    def parse_args(self, argv: list[str] | None) -> argparse.Namespace:
+        return parse_args(argv)
+
+    def inputs(self, args: argparse.Namespace) -> list[str]:
+        return []  # hub ids or paths: checked by load_rows
+
+    def output(self, args: argparse.Namespace) -> str:
+        name = os.path.basename(args.model.rstrip("/"))
+        return args.output_file or os.path.join(args.output_dir, f"generated_responses_{name}.json")
+
+    def tasks(self, args: argparse.Namespace, stats: Stats):
+        tasks = build_tasks(load_queries(args, stats.rejected), args)  # unreadable input rows: counted
+        stats.extra["queries"] = len({t.data["id"] for t in tasks})
+        return tasks, len(tasks)
+
+    async def handle(self, client, task: Task, context_len: int | None, args: argparse.Namespace) -> Outcome:
+        d = task.data
+        res = await client.ask([{"role": "user", "content": d["content"]}], sample_id=task.id,
+                               max_tokens=args.max_tokens, context_len=context_len, seed=d["seed"],
+                               temperature=d["temperature"], top_p=d["top_p"], min_tokens=args.min_tokens)
+        if res is None:
+            return Outcome("rejected", "prompt_too_long")
+        result = {"response": res.text, "finish_reason": res.finish_reason, "token_usage": res.usage,
+                  "max_tokens": res.max_tokens}
+        if res.finish_reason != "stop":
+            return Outcome("rejected", f"finish_{res.finish_reason}", result)
+        return Outcome("ok", None, result)
+
+    def write(self, tasks: list[Task], done: dict[str, dict], args: argparse.Namespace, stats: Stats,
+              log: logging.Logger) -> None:
+        output = self.output(args)
         records = [output_record(t, done[t.id], args.model) for t in tasks if done[t.id]["status"] == "ok"]
         write_json_atomic(output, records)
-        stats.extra["queries"] = len({t.data["id"] for t in tasks})
         stats.extra["written"] = len(records)
         log.info("wrote %d responses to %s", len(records), output)
-    return cli.exit_code(stats)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -215,7 +222,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.script_main(parse_args, amain, "text2image.process", argv)
+    return run_step(TeacherStep(), argv)
 
 
 if __name__ == "__main__":
