@@ -128,6 +128,11 @@ class Pipeline:
         for name, regex in (("teacher", TEACHER_REGEX), ("judge", PASS_JUDGE_REGEX), ("glm", GLM_REGEX)):
             (bodies / f"{name}.json").write_text(json.dumps({"guided_regex": regex}))
         out = self.work / "distill"
+        # Rows longer than the stage-3 training cutoff are dropped (too_long), measured with the student's processor.
+        length = ["--processor", self.done("merge")["model"]]  # other sizes: the defaults match their stage3.yaml
+        if self.args.size == "tiny":  # examples/tiny/stage3.yaml
+            length += ["--cutoff_len", "1024", "--train_image_min_pixels", str(TINY_PIXELS[0]),
+                       "--train_image_max_pixels", str(TINY_PIXELS[1])]
         flags = ["--max_tokens", "48", "--max_retries", "5", "--request_timeout", "300", "--timeout_per_token", "0",
                  "--no_progress", "--max_workers", "4"]
         self.say("starting a vLLM server for the toy teacher and judge (float32: guided decoding runs on V0)")
@@ -143,14 +148,15 @@ class Pipeline:
                       out / "generated.json", "--output_file", out / "judged.json", "--judge_extra_body",
                       f"@{bodies / 'judge.json'}", *flags], "distill-text-judge")
             self.run([sys.executable, s3 / "text2image/convert.py", "--input_files", out / "judged.json",
-                      "--output_file", data / "text2image.parquet", "--max_workers", "2"], "distill-text-render")
+                      "--output_file", data / "text2image.parquet", "--max_workers", "2", *length],
+                     "distill-text-render")
             self.run([sys.executable, s3 / "image/process.py", "--data_dir", data / "llavaonevision_converted",
                       "--model_name", teacher, *api, "--samples_per_file", "3", "--output_file",
                       out / "glm_response.parquet", "--extra_body", f"@{bodies / 'glm.json'}", "--min_tokens", "8",
                       *flags], "distill-image-generate")
             self.run([sys.executable, s3 / "image/evaluate.py", "--input_file", out / "glm_response.parquet",
                       "--judge_model", teacher, *api, "--output_file", data / "image_thinking.parquet",
-                      "--judge_extra_body", f"@{bodies / 'judge.json'}", *flags], "distill-image-judge")
+                      "--judge_extra_body", f"@{bodies / 'judge.json'}", *flags, *length], "distill-image-judge")
         import pyarrow.parquet as pq
         return {"text2image_rows": pq.read_metadata(data / "text2image.parquet").num_rows,
                 "image_thinking_rows": pq.read_metadata(data / "image_thinking.parquet").num_rows}
