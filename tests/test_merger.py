@@ -189,3 +189,24 @@ def test_processor_gets_the_training_image_bounds(tiny_qwen25vl, tiny_qwen3, tmp
     kept = json.loads((tmp_path / "keep/preprocessor_config.json").read_text())
     source = json.loads((tiny_qwen25vl / "preprocessor_config.json").read_text())
     assert (kept["min_pixels"], kept["max_pixels"]) == (source["min_pixels"], source["max_pixels"])
+
+
+def test_every_option_is_a_flag_and_flags_reach_merge_by_keyword(tiny_qwen25vl, tiny_qwen3, tmp_path):
+    import dataclasses
+    text = run_cli("--help").stdout
+    for f in dataclasses.fields(model_merger.MergeOptions):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+    args = model_merger.build_parser().parse_args(["--vlm-path", "V", "--llm-path", "L", "--seed", "7",
+                                                   "--max-shard-size", "2GB", "--init-std", "0.5"])
+    options = model_merger.MergeOptions(**vars(args))
+    assert (options.vlm_path, options.llm_path, options.seed, options.max_shard_size, options.init_std) == \
+        ("V", "L", 7, 2 * 10**9, 0.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.seed = 8
+
+
+def test_decimal_size_parser_uses_hub_units():
+    assert model_merger.parse_decimal_size("5GB") == 5 * 10**9
+    assert model_merger.parse_decimal_size("500MB") == 500 * 10**6
+    assert model_merger.parse_decimal_size("1GiB") == 2**30
+    assert model_merger.parse_decimal_size("123") == 123
