@@ -263,3 +263,14 @@ def test_image_pipeline_drops_too_long_rows_before_judging(tiny_merged, tmp_path
     stats = Stats()
     args.processor = None
     assert len(list(evaluate.make_tasks(args, stats))) == 2 and not stats.rejected  # no processor: not measured
+
+
+def test_both_judges_take_the_same_think_switches_with_their_own_default():
+    from data_process.stage3.image import evaluate as image_judge
+    from data_process.stage3.text2image import evaluate as text_judge
+
+    assert text_judge.parse_args(["--input_file", "x", "--model", "m"]).judge_no_think is True
+    assert text_judge.parse_args(["--input_file", "x", "--model", "m", "--judge_thinking"]).judge_no_think is False
+    assert image_judge.parse_args([]).judge_no_think is False
+    assert image_judge.parse_args(["--judge_no_think"]).judge_no_think is True
+    assert image_judge.parse_args(["--judge_thinking"]).judge_no_think is False

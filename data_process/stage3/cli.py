@@ -68,6 +68,16 @@ def add_sampling_args(parser: argparse.ArgumentParser, *, temperature: float | N
                        help="skip an item when less than this many tokens are left for the answer")
 
 
+def add_judge_args(parser: argparse.ArgumentParser, *, no_think: bool) -> None:
+    """One switch for both judges, only the default differs: ``--judge_no_think`` appends Qwen3's ``/no_think``
+    to the judge prompt, ``--judge_thinking`` does not."""
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument("--judge_no_think", dest="judge_no_think", action="store_true", default=no_think,
+                   help="append /no_think to the judge prompt (Qwen3-style judges)" + (" (default)" if no_think else ""))
+    g.add_argument("--judge_thinking", dest="judge_no_think", action="store_false",
+                   help="let the judge think (no /no_think)" + ("" if no_think else " (default)"))
+
+
 def api_key(args: argparse.Namespace) -> str:
     return args.api_key or os.environ.get(API_KEY_ENV) or "EMPTY"
 

@@ -123,8 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      extra_body_flags=("--judge_extra_body", "--extra_body"), max_tokens=4096)
     cli.add_run_args(p, max_workers=256)
     cli.add_sampling_args(p, temperature=None, top_p=None)
-    p.add_argument("--judge_no_think", action="store_true",
-                   help="append /no_think to the judge prompt (for Qwen3-style judges)")
+    cli.add_judge_args(p, no_think=False)
     add_length_args(p)
     return p.parse_args(argv)
 

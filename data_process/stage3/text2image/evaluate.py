@@ -39,7 +39,7 @@ def build_tasks(records: list[dict], args: argparse.Namespace, stats: Stats) -> 
             stats.rejected[f"format_{err.reason}"] += 1
             continue
         prompt = judge_prompt(rec["query"], rec.get("original_output") or "", answer)
-        content = prompt + ("" if args.judge_thinking else NO_THINK)
+        content = prompt + (NO_THINK if args.judge_no_think else "")
         seed = stable_seed(args.seed, sample_id, "judge")
         key = fingerprint(args.model, content, args.temperature, args.top_p, args.max_tokens, args.extra_body, seed)
         tasks.append(Task(sample_id, key, {"record": rec, "answer": answer, "content": content, "seed": seed}))
@@ -90,11 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input_file", required=True, help="output of text2image/process.py (JSON list or JSONL)")
     p.add_argument("--output_dir", default="./")
     p.add_argument("--output_file", default=None, help="default: <output_dir>/evaluated_<input basename>")
-    cli.add_api_args(p, model_flags=("--model", "--judge_model"), model_default=None,
+    cli.add_api_args(p, model_flags=("--judge_model", "--model"), model_default=None,
                      extra_body_flags=("--judge_extra_body", "--extra_body"), max_tokens=2048)
     cli.add_run_args(p)
     cli.add_sampling_args(p, temperature=0.3, top_p=0.9)
-    p.add_argument("--judge_thinking", action="store_true", help="do not append /no_think to the judge prompt")
+    cli.add_judge_args(p, no_think=True)
     args = p.parse_args(argv)
     if args.max_workers > MANY_WORKERS:
         logging.getLogger("text2image.evaluate").warning("--max_workers %d: that many concurrent requests may overload the servers", args.max_workers)
