@@ -88,3 +88,9 @@ def venv_env() -> dict[str, str]:
     """Environment for subprocesses of the stack's CLIs (llamafactory-cli, vllm, torchrun need the venv's bin)."""
     bin_dir = str(Path(sys.executable).parent)
     return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "PYTHONPATH": str(REPO)}
+
+
+def pytest_configure(config):
+    """Markers used by transformers' own test suite, which tests/test_modeling_common_peer.py runs (--strict-markers)."""
+    for name in ("accelerate_tests", "flash_attn_test", "flash_attn_3_test", "torch_compile_test", "torch_export_test"):
+        config.addinivalue_line("markers", f"{name}: marker of transformers' test suite")

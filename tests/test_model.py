@@ -255,3 +255,23 @@ def test_realistic_fixture_exposes_norm_and_bias_mistakes(tiny_merged, parity_in
     reset_to_init_values(init_model, init_source)
     apply_mistake(init_model, change)
     assert parity_gap(init_model, init_source, part, ids, images) < 1e-4  # the old fixtures hid it
+
+
+def test_top_level_text_fields_are_the_text_config(tiny_merged, tmp_path):
+    """vLLM and LLaMA-Factory read and set the top-level text fields, transformers' own code the `text_config`: they
+    must be one value (a resized vocabulary used to be saved with two different vocab_size values)."""
+    model = load(tiny_merged)
+    new_vocab = model.config.vocab_size + 64
+    model.resize_token_embeddings(new_vocab)
+    assert model.config.vocab_size == model.config.text_config.vocab_size == new_vocab
+    model.config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["vocab_size"] == saved["text_config"]["vocab_size"] == new_vocab
+    assert saved["hidden_size"] == saved["text_config"]["hidden_size"]  # still flat + nested, as vLLM reads it
+    config = AutoConfig.from_pretrained(tmp_path)
+    config.rope_theta = 5e6  # set at the top level, as users and LLaMA-Factory do
+    assert config.text_config.rope_theta == 5e6 and config.to_dict()["rope_theta"] == 5e6
+    # A file saved before the fix (stale top level) resolves the way the model is built: from text_config.
+    saved["vocab_size"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert AutoConfig.from_pretrained(tmp_path).vocab_size == new_vocab

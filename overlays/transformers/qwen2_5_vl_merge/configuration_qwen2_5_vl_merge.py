@@ -36,7 +36,12 @@ _TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
 
 class Qwen2_5_VL_MergeConfig(Qwen2_5_VLConfig):
     """Accepts the flat layout (text fields at the top level, as the merger writes) and the nested `text_config`
-    layout (as transformers 4.52 re-saves it)."""
+    layout (as transformers 4.52 re-saves it).
+
+    The top-level text fields are views of `text_config`, not copies: vLLM and LLaMA-Factory read and set them at the
+    top level, transformers' own code (the text model, `resize_token_embeddings`) uses `text_config`, and copies went
+    stale (a resized vocabulary was saved with two vocab_size values). Where a nested file's two disagree,
+    `text_config` wins, as the model is built from it. Saved files keep both layouts."""
 
     model_type = "qwen2_5_vl_merge"
     sub_configs = {"vision_config": Qwen2_5_VL_MergeVisionConfig, "text_config": Qwen2_5_VL_MergeTextConfig}
@@ -44,9 +49,27 @@ class Qwen2_5_VL_MergeConfig(Qwen2_5_VLConfig):
     def __init__(self, text_config=None, vision_config=None, image_token_id=151655, video_token_id=151656, **kwargs):
         super().__init__(text_config=text_config, vision_config=vision_config, image_token_id=image_token_id,
                          video_token_id=video_token_id, **kwargs)
-        for name in _TEXT_FIELDS:
-            if name not in kwargs:
-                setattr(self, name, getattr(self.text_config, name))
+        for name in _TEXT_FIELDS:  # from here on read from and written to text_config
+            self.__dict__.pop(name, None)
+        self.__dict__["_text_fields_are_views"] = True
+
+    def __setattr__(self, key, value):
+        if key in _TEXT_FIELDS and self.__dict__.get("_text_fields_are_views"):
+            setattr(self.text_config, key, value)
+        else:
+            super().__setattr__(key, value)
+
+    def __getattr__(self, key):  # only called when normal lookup fails, i.e. for the text fields
+        if key in _TEXT_FIELDS and "text_config" in self.__dict__:
+            return getattr(self.__dict__["text_config"], key)
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{key}'")
+
+    def to_dict(self):
+        output = super().to_dict()
+        output.pop("_text_fields_are_views", None)
+        text = output["text_config"]
+        output.update({name: text[name] for name in _TEXT_FIELDS if name in text})
+        return output
 
 
 __all__ = ["Qwen2_5_VL_MergeConfig", "Qwen2_5_VL_MergeTextConfig", "Qwen2_5_VL_MergeVisionConfig"]

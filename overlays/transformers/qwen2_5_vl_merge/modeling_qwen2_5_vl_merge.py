@@ -40,10 +40,18 @@ class Qwen2_5_VL_MergeRMSNorm(Qwen3RMSNorm):
         return self.weight * normed.to(dtype)
 
 
+class Qwen2_5_VL_MergeVisionRMSNorm(Qwen2RMSNorm):
+    """The fused RMSNorm for the vision tower. Stays a Qwen2RMSNorm: the tower's inherited `_init_weights` only
+    initialises those, so a vision norm missing from a checkpoint would otherwise be left uninitialised."""
+
+    forward = Qwen2_5_VL_MergeRMSNorm.forward
+
+
 def _use_fused_rms_norm(module: nn.Module) -> None:
+    fused = {Qwen3RMSNorm: Qwen2_5_VL_MergeRMSNorm, Qwen2RMSNorm: Qwen2_5_VL_MergeVisionRMSNorm}
     for sub in module.modules():
-        if type(sub) in (Qwen3RMSNorm, Qwen2RMSNorm):
-            sub.__class__ = Qwen2_5_VL_MergeRMSNorm
+        if type(sub) in fused:
+            sub.__class__ = fused[type(sub)]
 
 
 class Qwen2_5_VL_MergePatchMerger(Qwen2_5_VLPatchMerger):
@@ -99,10 +107,10 @@ class Qwen2_5_VL_MergeVisionModel(Qwen2_5_VisionTransformerPretrainedModel):
         if config._attn_implementation == "sdpa":
             for block in self.blocks:
                 block.attn = Qwen2_5_VL_MergeVisionSdpaAttention(config.hidden_size, num_heads=config.num_heads)
-        _use_fused_rms_norm(self)
         self.merger = Qwen2_5_VL_MergePatchMerger(
             dim=config.out_hidden_size, dim2=config.out_hidden_size2, context_dim=config.hidden_size,
             spatial_merge_size=config.spatial_merge_size)
+        _use_fused_rms_norm(self)  # after the merger is replaced, so its ln_q is fused too
 
 
 class Qwen2_5_VL_MergeRotaryEmbedding(Qwen2_5_VLRotaryEmbedding):
