@@ -168,8 +168,7 @@ def test_overflow_that_leaves_less_than_min_tokens_is_final():
 
 def test_prompt_refused_as_too_long_is_a_final_reject_that_reruns_do_not_resend(tmp_path):
     """Issue 20: such items were "errors": every rerun sent them again and exited 2."""
-    from data_process.stage3.runner import exit_code
-    from data_process.stage3.runner import Checkpoint, Outcome, Task, run_tasks
+    from data_process.stage3.runner import Checkpoint, Outcome, Task, exit_code, run_tasks
 
     async def one_run(client):
         stats = Stats()

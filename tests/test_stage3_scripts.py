@@ -274,3 +274,33 @@ def test_both_judges_take_the_same_think_switches_with_their_own_default():
     assert image_judge.parse_args([]).judge_no_think is False
     assert image_judge.parse_args(["--judge_no_think"]).judge_no_think is True
     assert image_judge.parse_args(["--judge_thinking"]).judge_no_think is False
+
+
+def test_invalid_utf8_in_a_parquet_source_is_one_counted_reject(tmp_path):
+    """Files written by other tools can hold invalid UTF-8 in a string column; pyarrow raises on reading it."""
+    from data_process.stage3.client import Stats
+    from data_process.stage3.image import process
+
+    good = [[{"role": "user", "content": f"<image>\nQuestion {i}?"}, {"role": "assistant", "content": "Red."}]
+            for i in range(3)]
+    table = pa.Table.from_pylist([{"messages": m, "images": [{"bytes": png(64, 48), "path": None}]} for m in good],
+                                 schema=OUTPUT_SCHEMA)
+    content = table.column("messages").combine_chunks()
+    # Row 1's question gets a 0xff byte: rebuild the nested string column from raw bytes, without validation.
+    strings = content.values.field("content")
+    raw = [s.as_py().encode() for s in strings]
+    raw[2] = raw[2].replace(b"Question 1", b"Question \xff1")
+    bad_strings = pa.array(raw, pa.binary()).view(pa.string())
+    values = pa.StructArray.from_arrays([content.values.field("role"), bad_strings],
+                                        fields=list(content.type.value_type))
+    table = table.set_column(0, "messages", pa.ListArray.from_arrays(content.offsets, values))
+    root = tmp_path / "converted"
+    root.mkdir()
+    pq.write_table(table, root / "vqa.parquet")
+    args = process.parse_args(["--data_dir", str(root), "--samples_per_file", "5", "--output_file",
+                               str(tmp_path / "glm.parquet")])
+    stats = Stats()
+    selection = process.build_selection(args, args.output_file, stats)
+    rows = pq.read_table(selection).to_pylist()
+    assert [r["id"] for r in rows] == ["vqa/vqa.parquet:0", "vqa/vqa.parquet:2"]  # row numbers of the file
+    assert stats.extra["selection invalid_bad_utf8"] == 1 and stats.extra["selection valid rows seen"] == 2

@@ -73,7 +73,8 @@ def add_judge_args(parser: argparse.ArgumentParser, *, no_think: bool) -> None:
     to the judge prompt, ``--judge_thinking`` does not."""
     g = parser.add_mutually_exclusive_group()
     g.add_argument("--judge_no_think", dest="judge_no_think", action="store_true", default=no_think,
-                   help="append /no_think to the judge prompt (Qwen3-style judges)" + (" (default)" if no_think else ""))
+                   help="append /no_think to the judge prompt (Qwen3-style judges)"
+                        + (" (default)" if no_think else ""))
     g.add_argument("--judge_thinking", dest="judge_no_think", action="store_false",
                    help="let the judge think (no /no_think)" + ("" if no_think else " (default)"))
 

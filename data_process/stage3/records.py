@@ -82,11 +82,27 @@ class ParquetSink:
                 os.remove(self.tmp)
 
 
-def iter_rows(path: str, columns: list[str] | None = None, batch_size: int = 64) -> Iterator[dict]:
-    """Rows of a parquet file as dicts, one small batch in memory at a time."""
+def iter_rows(path: str, columns: list[str] | None = None, batch_size: int = 64,
+              rejects: Counter | None = None) -> Iterator[dict | None]:
+    """Rows of a parquet file as dicts, one small batch in memory at a time.
+
+    With ``rejects``, a row holding an invalid UTF-8 string (possible in files other tools wrote) is counted
+    as ``bad_utf8`` and yielded as None, so row numbers stay those of the file; without, it raises.
+    """
     parquet = pq.ParquetFile(path)
     for batch in parquet.iter_batches(batch_size=batch_size, columns=columns):
-        yield from batch.to_pylist()
+        try:
+            yield from batch.to_pylist()
+            continue
+        except UnicodeDecodeError:
+            if rejects is None:
+                raise
+        for i in range(batch.num_rows):
+            try:
+                yield batch.slice(i, 1).to_pylist()[0]
+            except UnicodeDecodeError:
+                rejects["bad_utf8"] += 1
+                yield None
 
 
 def image_data_url(data: bytes) -> str:

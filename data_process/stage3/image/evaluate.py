@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+from collections import Counter
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
@@ -51,7 +52,9 @@ def make_tasks(args: argparse.Namespace, stats: Stats):
     measure = None
     if args.processor:
         measure = training_length(args.processor, args.train_image_min_pixels, args.train_image_max_pixels)
-    for row in iter_rows(args.input_file):
+    for row in iter_rows(args.input_file, rejects=stats.rejected):
+        if row is None:
+            continue  # an invalid UTF-8 string: counted as bad_utf8
         if len(row["images"]) != 1 or not row["images"][0].get("bytes"):
             stats.rejected["no_image"] += 1
             continue
@@ -104,9 +107,9 @@ class JudgeStep:
               log: logging.Logger) -> None:
         total = 0
         with ParquetSink(args.output_file) as sink:
-            for row in iter_rows(args.input_file):  # second pass: verdicts joined by sample id
+            for row in iter_rows(args.input_file, rejects=Counter()):  # second pass: verdicts joined by id
                 total += 1
-                record = done.get(row["id"])
+                record = done.get(row["id"]) if row is not None else None
                 if record and record["status"] == "ok":
                     text, _ = checked(row)
                     sink.add(training_row(row, text))

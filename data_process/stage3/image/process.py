@@ -129,7 +129,10 @@ def sample_source(source: Source, k: int, seed: int, counts: Counter) -> list[di
     reservoir: list[tuple[int, int, dict]] = []
     seen = 0
     for file_index, path in enumerate(source.files):
-        for row_index, row in enumerate(iter_rows(path, ["messages", "images"])):
+        bad: Counter = Counter()
+        for row_index, row in enumerate(iter_rows(path, ["messages", "images"], rejects=bad)):
+            if row is None:
+                continue  # counted below as invalid_bad_utf8
             try:
                 question, reference, data = first_turn(row)
             except Reject as err:
@@ -147,6 +150,7 @@ def sample_source(source: Source, k: int, seed: int, counts: Counter) -> list[di
                 j = rng.randrange(seen)
                 if j < k:
                     reservoir[j] = (file_index, row_index, item)
+        counts.update({f"invalid_{reason}": n for reason, n in bad.items()})
     counts["valid rows seen"] += seen
     return [item for _, _, item in sorted(reservoir, key=lambda entry: entry[:2])]
 

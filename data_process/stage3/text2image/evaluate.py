@@ -97,7 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.add_judge_args(p, no_think=True)
     args = p.parse_args(argv)
     if args.max_workers > MANY_WORKERS:
-        logging.getLogger("text2image.evaluate").warning("--max_workers %d: that many concurrent requests may overload the servers", args.max_workers)
+        logging.getLogger("text2image.evaluate").warning(
+            "--max_workers %d: that many concurrent requests may overload the servers", args.max_workers)
     return args
 
 
