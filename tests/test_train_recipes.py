@@ -29,7 +29,7 @@ INTENT = {
     "stage3": {"freeze_language_model": False, "learning_rate": 5e-5, "num_train_epochs": 1.2,
                "template": "qwen_merge_vl", "enable_thinking": True},
 }
-METHOD_KEYS = ("stage", "finetuning_type", "freeze_vision_tower", "freeze_multi_modal_projector",
+METHOD_KEYS = ("stage", "finetuning_type", "freeze_vision_tower", "freeze_multi_modal_projector", "per_turn_samples",
                "freeze_language_model", "template", "enable_thinking")
 
 

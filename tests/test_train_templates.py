@@ -115,13 +115,16 @@ def test_chat_thinking_off_strips_thoughts_and_puts_empty_ones_in_the_prompt(enc
     assert labels == ["An astronaut.<|im_end|>\n"]
 
 
-def test_chat_multi_turn_trains_every_answer(encoder, photo):
+def test_chat_multi_turn_history_is_rendered_as_the_chat_template(encoder, photo):
+    """Earlier answers lose their thoughts (and get no empty think block), as chat_template.jinja renders history;
+    the last answer is the generated one. Which turns are trained is per_turn.py's job (test_train_multiturn.py)."""
+    first = "<think>\nIt is a suit.\n</think>\n\nWhite."
     second = "<think>\nIt is space.\n</think>\n\nBlack."
-    messages = turns("<image>\nWhat colour is it?", "White.", "And the sky?", second)
+    messages = turns("<image>\nWhat colour is it?", first, "And the sky?", second)
     text, labels = render(encoder("qwen_merge_vl", messages, images=[photo]))
-    assert text == (chat_user(f"{IMAGE_BLOCK}\nWhat colour is it?") + THINK_EMPTY + "White.<|im_end|>\n"
+    assert text == (chat_user(f"{IMAGE_BLOCK}\nWhat colour is it?") + "White.<|im_end|>\n"
                     + chat_user("And the sky?") + second + "<|im_end|>\n")
-    assert labels == [THINK_EMPTY + "White.<|im_end|>\n", second + "<|im_end|>\n"]
+    assert labels[-1] == second + "<|im_end|>\n"
 
 
 def test_chat_video(encoder, video_frames):
