@@ -21,6 +21,7 @@ from aiohttp import web
 from tests.vllm_server import VllmUnavailable, vllm_server
 
 REPO = Path(__file__).resolve().parent.parent
+REPLIES = REPO / "tests" / "data" / "replies"
 ALPACA_ZH = Path("/work/shared/fixtures/llamafactory-mllm-demo/alpaca_zh_demo.json")
 LOCAL_ALPACA_ZH = REPO / "tests" / "data" / "alpaca_zh_sample.json"
 SAMPLE_HEADER = "X-Sample-Id"
@@ -38,7 +39,7 @@ GLM_REGEX = (r"<think>[a-z]{1,6}( [a-z]{1,6})?</think><answer>[a-z]{1,6}"
 SERVER_ARGS = ("--dtype", "float32", "--disable-frontend-multiprocessing")
 
 
-def module_server(model_fixture: str):
+def module_server(model_fixture: str, extra_args: tuple[str, ...] = ()):
     """A module-scoped fixture running ``vllm serve`` on the model given by the fixture ``model_fixture``
     (skips where vLLM is not installed); use as ``server = module_server("tiny_qwen3")``."""
 
@@ -46,7 +47,7 @@ def module_server(model_fixture: str):
     def server(request, tmp_path_factory):
         model = request.getfixturevalue(model_fixture)
         try:
-            with vllm_server(model, extra_args=SERVER_ARGS,
+            with vllm_server(model, extra_args=(*SERVER_ARGS, *extra_args),
                              log_file=tmp_path_factory.mktemp("vllm") / "server.log") as srv:
                 yield srv
         except VllmUnavailable as err:
@@ -117,6 +118,27 @@ def write_onevision_copy(root: Path, image_paths: list[Path], questions: list[tu
     return root
 
 
+# ----------------------------------------------------------------------------------------------- recorded replies
+
+def recorded_reply(name: str) -> dict:
+    """A recorded chat completion (``tests/data/replies/<name>.json``, the body a real server returned)."""
+    return json.loads((REPLIES / f"{name}.json").read_text(encoding="utf-8"))["response"]
+
+
+def with_message(real: dict, message: dict, finish_reason: str) -> dict:
+    """The real server's answer with its message and finish reason replaced (id, model and usage kept)."""
+    out = json.loads(json.dumps(real))
+    out["choices"][0]["message"] = message
+    out["choices"][0]["finish_reason"] = finish_reason
+    return out
+
+
+def as_recorded(real: dict, name: str) -> dict:
+    """The real answer rewritten into the recorded reply ``name`` (what that model/server would have said)."""
+    choice = recorded_reply(name)["choices"][0]
+    return with_message(real, choice["message"], choice["finish_reason"])
+
+
 # ----------------------------------------------------------------------------------------------- proxy
 
 @dataclass
@@ -127,6 +149,7 @@ class ProxyEvent:
     status: int | None
     request: dict | None = None
     response: dict | None = None
+    upstream: dict | None = None  # the server's own answer where ``rewrite`` replaced it
 
 
 @dataclass
@@ -137,6 +160,8 @@ class FaultProxy:
     answers without forwarding; ``lost`` (forwarded and computed, then the connection is dropped);
     ``truncated`` (a cut-off 200 body); ``delay`` (held ``delay_s``, past the client timeout, then
     forwarded). ``latency_s`` delays every request (reorders completions, keeps work in flight).
+    ``rewrite(sample_id, body)`` may replace a real 200 chat answer by another body (recorded formats keyed by
+    the sample); the event keeps both (``upstream`` is what the server said).
     """
 
     upstream: str
@@ -145,6 +170,7 @@ class FaultProxy:
     delay_s: float = 6.0
     latency_s: tuple[float, float] = (0.0, 0.0)
     seed: int = 0
+    rewrite: object = None  # callable(sample_id, body) -> body | None
     events: list[ProxyEvent] = field(default_factory=list)
 
     def __post_init__(self):
@@ -216,6 +242,11 @@ class FaultProxy:
         status, payload, ctype = await self._forward(request, body)
         event.status = status
         event.response = _json_or_none(payload)
+        if self.rewrite is not None and status == 200 and request.path.endswith("/chat/completions"):
+            new = self.rewrite(event.sample_id, event.response)
+            if new is not None:
+                event.upstream, event.response = event.response, new
+                payload = json.dumps(new).encode()
         if fault == "lost":
             request.transport.abort()
             return web.Response(status=500)
