@@ -55,8 +55,7 @@ server = module_server("tiny_qwen3")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     records = alpaca_zh_records(2 * N_PER_SOURCE)
-    if len(records) < 2 * N_PER_SOURCE:
-        pytest.skip("no alpaca_zh sample data")
+    assert len(records) >= 2 * N_PER_SOURCE, "tests/data/alpaca_zh_sample.json is part of the repository"
     root = tmp_path_factory.mktemp("text_data")
     write_deepseek_copy(root / "deepseek", records[:N_PER_SOURCE])
     write_alpaca_copy(root / "alpaca", records[N_PER_SOURCE:])
