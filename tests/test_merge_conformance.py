@@ -284,7 +284,7 @@ def check_merged(out: Path, vlm: Path, llm: Path, vlm_cfg: dict, llm_cfg: dict, 
     assert delta < 1e-3, delta
 
 
-@pytest.mark.parametrize("vlm_name, llm_name", ROWS, ids=[f"{v}+{l}" for v, l in ROWS])
+@pytest.mark.parametrize("vlm_name, llm_name", ROWS, ids=[f"{vlm}+{llm}" for vlm, llm in ROWS])
 def test_row_merges_and_matches_its_sources_or_is_refused(vlm_name, llm_name, weights, tmp_path):
     vlm, llm, vlm_cfg, llm_cfg = sources_of(weights, tmp_path, vlm_name, llm_name)
     out = tmp_path / "out"

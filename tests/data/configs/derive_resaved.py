@@ -2,7 +2,8 @@
 
     .venv/bin/python tests/data/configs/derive_resaved.py
 
-* `*.resaved_4_52.json`: a real re-save, made by the installed transformers 4.52.3 (Qwen2_5_VLConfig(**hub), written as save_pretrained writes it):
+* `*.resaved_4_52.json`: a real re-save, made by the installed transformers 4.52.3 (Qwen2_5_VLConfig(**hub), written
+  as save_pretrained writes it):
   flat fields kept at the top level, a nested text_config with "image_token_id": null and "video_token_id": null, a
   complete vision_config. The same shape as the 4.52.4 re-save of Qwen2.5-VL-3B recorded in the code corpus.
 * `*.resaved_4_51.json`: the flat layout 4.51 wrote: the 4.52 re-save without text_config, every vision field
