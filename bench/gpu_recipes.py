@@ -197,6 +197,11 @@ class GpuMemorySampler(threading.Thread):
             self.stop.wait(self.period)
 
 
+def _seconds(hms: str) -> int:
+    h, m, s = (int(x) for x in hms.split(":"))
+    return 3600 * h + 60 * m + s
+
+
 def cmd_train(args) -> int:
     import yaml
     recipe = yaml.safe_load(Path(args.recipe).read_text())
@@ -205,7 +210,7 @@ def cmd_train(args) -> int:
     overrides = [f"model_name_or_path={args.model}", f"dataset_dir={args.work / 'data'}",
                  f"max_steps={args.steps}", f"output_dir={out}", "overwrite_cache=true"] + args.extra
     cmd = ["llamafactory-cli", "train", args.recipe, *overrides]
-    env = {**os.environ, "FORCE_TORCHRUN": "1", "DISABLE_VERSION_CHECK": "1"}
+    env = {**os.environ, "FORCE_TORCHRUN": "1", "DISABLE_VERSION_CHECK": "1"}  # DeepSpeed on one GPU: torchrun
     sampler = GpuMemorySampler()
     sampler.start()
     t0 = time.time()
@@ -220,13 +225,13 @@ def cmd_train(args) -> int:
         (args.work / "data/token_counts.json").exists() else {}
     lens = counts.get("stage1" if "stage1" in name else "stage3", [])
     mean_tokens = sum(lens) / len(lens) if lens else None
-    times = [r["elapsed_time"] for r in log if "elapsed_time" in r]
+    times = [_seconds(r["elapsed_time"]) for r in log if "loss" in r]  # per logged step, "H:MM:SS"
     step_s = [(b - a) for a, b in zip(times, times[1:])]
-    steady = sorted(step_s)[len(step_s) // 2] if step_s else None
+    steady = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None  # mean after the first step
     summary = {
         "recipe": args.recipe, "command": " ".join(cmd), "returncode": proc.returncode, "wall_s": round(wall, 1),
         "losses": [r.get("loss") for r in log], "step_elapsed_s": times,
-        "median_step_s_after_first": steady, "samples_per_step": samples_per_step,
+        "mean_step_s_after_first": round(steady, 2) if steady else None, "samples_per_step": samples_per_step,
         "mean_tokens_per_sample": round(mean_tokens) if mean_tokens else None,
         "tokens_per_s": round(samples_per_step * mean_tokens / steady) if steady and mean_tokens else None,
         "peak_gpu_mem_used_GiB": round(sampler.peak_mib / 1024, 1),

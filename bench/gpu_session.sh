@@ -5,7 +5,8 @@
 #   bash bench/gpu_session.sh setup parity levers recipes-stage1
 #
 # Parts: setup (always first), parity (bench/liger_parity.py), levers (bench_train_gpu.py, recipe settings),
-# long (4B shapes at cutoff_len 8192, with and without Liger), compile (regionally compiled layers),
+# long (4B shapes at cutoff_len 8192, with and without Liger), var (a variable-length batch: padded, packed with
+# flex attention, packed with varlen flash attention), compile (regionally compiled layers),
 # recipes-stage1 / recipes-stage3 (random Qwen-Merge-4B through our merger, llamafactory-cli train).
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -39,7 +40,12 @@ for name in ("transformers", "tokenizers", "llamafactory", "deepspeed", "liger-k
     except md.PackageNotFoundError:
         print(name, "-")
 import deepspeed, liger_kernel.transformers, llamafactory.qwen_merge.liger  # noqa: F401
-print("varlen_attn:", hasattr(__import__("torch.nn.attention", fromlist=["x"]), "varlen"))
+try:
+    from torch.nn.attention.varlen import varlen_attn
+    import inspect
+    print("varlen_attn", inspect.signature(varlen_attn))
+except ImportError as e:
+    print("varlen_attn: -", e)
 EOF
       ;;
     parity)
@@ -55,9 +61,15 @@ EOF
       ;;
     long)
       step long
-      timeout 300 python3 bench/bench_train_gpu.py --warmup 2 --repeats 4 --samples 4 --text-tokens 7934 \
+      timeout 200 python3 bench/bench_train_gpu.py --warmup 1 --repeats 3 --samples 4 --text-tokens 7934 \
         --json "$OUT/long8192.json" --cases merge-4b-ckpt,merge-4b-ckpt-liger
       echo "long rc=$?"
+      ;;
+    var)
+      step var
+      timeout 170 python3 bench/bench_train_gpu.py --warmup 1 --repeats 3 --json "$OUT/var.json" \
+        --cases var-packed-varlen,var-packed-flex,var-pad
+      echo "var rc=$?"
       ;;
     compile)
       step compile
@@ -73,11 +85,11 @@ EOF
           exit 1
         du -sh "$WORK"/* | tee -a "$OUT/merge.txt"
       fi
-      [ -f "$WORK/data/token_counts.json" ] ||
-        python3 bench/gpu_recipes.py data --work "$WORK" --model "$WORK/Qwen-Merge-VL-4B-base" || exit 1
+      [ -f "$WORK/data/dataset_info.json" ] || python3 bench/gpu_recipes.py data --work "$WORK" \
+        $([ -n "${NO_TOKEN_COUNTS:-}" ] || echo --model "$WORK/Qwen-Merge-VL-4B-base") || exit 1
       timeout "${RECIPE_TIMEOUT:-330}" python3 bench/gpu_recipes.py train --work "$WORK" \
         --model "$WORK/Qwen-Merge-VL-4B-base" --recipe "examples/qwen_merge_4b/$stage.yaml" \
-        --steps "${STEPS:-4}" --json "$OUT/recipe_4b_$stage.json" ${EXTRA:-} 2>&1 |
+        --steps "$([ "$stage" = stage1 ] && echo "${STEPS1:-3}" || echo "${STEPS:-4}")" --json "$OUT/recipe_4b_$stage.json" ${EXTRA:-} 2>&1 |
         grep -v -E "it/s\]|s/it\]" | tail -n 150
       echo "recipe $stage rc=$?"
       ;;

@@ -138,8 +138,12 @@ def _fused_loss_forward(stock_forward):
 
 def _gathered_under_zero3(weight: torch.Tensor):
     """Under ZeRO-3 the lm_head weight is partitioned and gathered only around lm_head's own forward, which the
-    fused loss skips: gather it for the loss (the kernel computes its gradient in the forward pass)."""
+    fused loss skips: gather it for the loss (the kernel computes its gradient in the forward pass). A tied weight
+    is already gathered for the embedding that uses it and must not be released here."""
     if not hasattr(weight, "ds_id"):
         return contextlib.nullcontext()
-    from deepspeed.zero import GatheredParameters
-    return GatheredParameters([weight], modifier_rank=None)
+    import deepspeed  # deepspeed.zero is an attribute of the package, not an importable module
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    if weight.ds_status == ZeroParamStatus.AVAILABLE:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters([weight], modifier_rank=None)
