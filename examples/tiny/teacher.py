@@ -78,7 +78,11 @@ def teach(source: Path, out: Path, steps: int = 120, batch_size: int = 8, lr: fl
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(source, torch_dtype=torch.float32,
                                                                attn_implementation="sdpa")
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    # The source ties its output layer to the embeddings (as vLLM loads it), but transformers 4.52 reads the flat
+    # hub config's tie flag only at the top level and would give lm_head fresh random weights: tie it here.
+    model.lm_head.weight = model.get_input_embeddings().weight
+    model.lm_head.weight.requires_grad_(False)  # a 152k-row table: Adam on it would cost more than all the rest
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     rng, losses, started = np.random.default_rng(seed), [], time.time()
     for step in range(steps):
         inputs, target = encode(processor, lessons(rng, batch_size))
@@ -91,14 +95,14 @@ def teach(source: Path, out: Path, steps: int = 120, batch_size: int = 8, lr: fl
         optimizer.zero_grad()
         losses.append(round(loss.item(), 4))
         if step % 20 == 0 or step == steps - 1:
-            log(f"TEACH step {step + 1}/{steps}: loss {losses[-1]:.3f} ({time.time() - started:.0f} s)")
+            log(f"teacher step {step + 1}/{steps}: loss {losses[-1]:.3f} ({time.time() - started:.0f} s)")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     processor.image_processor.min_pixels, processor.image_processor.max_pixels = TEACHER_PIXELS
     processor.image_processor.size = {"shortest_edge": TEACHER_PIXELS[0], "longest_edge": TEACHER_PIXELS[1]}
     processor.save_pretrained(tmp)
-    for name in ("vocab.json", "merges.txt", "generation_config.json"):
+    for name in ("config.json", "vocab.json", "merges.txt", "generation_config.json"):  # the source's flat config
         if (source / name).exists():
             shutil.copy2(source / name, tmp / name)
     (tmp / "teacher.json").write_text(json.dumps({"steps": steps, "batch_size": batch_size, "lr": lr,
