@@ -43,7 +43,9 @@ def test_llamafactory_enable_liger_patches_the_text_decoder_only(tiny_merged, re
     config = AutoConfig.from_pretrained(tiny_merged)
     apply_liger_kernel(config, ModelArguments(model_name_or_path=str(tiny_merged), enable_liger_kernel=True),
                        is_trainable=True, require_logits=False)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_merged)
+    model, info = AutoModelForImageTextToText.from_pretrained(tiny_merged, output_loading_info=True)
+    # the Liger modules hold the same parameters: the checkpoint loads with nothing missing or unexpected
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == [], info
     text, layers = model.model.language_model, config.text_config.num_hidden_layers
     text_counts, vision_counts = _liger_counts(text), _liger_counts(model.model.visual)
     # per layer: input/post-attention norms + q/k norms; plus the final norm
@@ -52,10 +54,6 @@ def test_llamafactory_enable_liger_patches_the_text_decoder_only(tiny_merged, re
     assert not any(name.startswith("Liger") for name in vision_counts), vision_counts
     assert modeling_qwen3.apply_rotary_pos_emb is liger_rotary_pos_emb
     assert getattr(type(model).forward, "_qwen_merge_fused_loss", False)
-    # the same parameters as without Liger: the checkpoint loads with nothing missing or new
-    assert sorted(n for n, _ in model.named_parameters()) == sorted(
-        AutoModelForImageTextToText.from_config(config).state_dict().keys() - {"lm_head.weight"}
-        if config.tie_word_embeddings else AutoModelForImageTextToText.from_config(config).state_dict().keys())
 
 
 def test_stages_that_need_logits_get_plain_liger_cross_entropy(tiny_merged, restore_patches):
