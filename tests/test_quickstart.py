@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from examples.quickstart_samples import BACKGROUNDS, COLOURS, SHAPES, draw_picture, pictures
+from examples.quickstart_samples import BACKGROUNDS, COLOURS, QUESTION, SHAPES, draw_picture, pictures
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = ["sources", "merge", "data", "distill", "train", "serve", "eval"]
@@ -102,8 +102,7 @@ def test_the_final_model_generalises_to_independently_drawn_pictures(main_job, t
         picture, _ = draw_picture(rng)
         path = tmp_path / f"p{total}.png"
         picture.save(path)
-        messages = [{"role": "user", "content": [
-            {"type": "image"}, {"type": "text", "text": "What colour is the shape in the picture? Answer with one word."}]}]
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = processor(text=[prompt], images=[Image.open(path)], return_tensors="pt")
         with torch.no_grad():

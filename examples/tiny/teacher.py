@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from examples.quickstart_samples import COLOURS, QUESTION, draw_picture, option_question, text_question
+from examples.quickstart_samples import QUESTION, draw_picture, option_question, text_question
 
 TEACHER_PIXELS = (56 * 56, 112 * 112)  # the pictures' size in training and in vLLM (written to its processor)
 
