@@ -119,7 +119,7 @@ def tokenized(tmp_path_factory, sample_images, tiny_merged, venv_env) -> dict[bo
     runs = {True: "stage3.yaml", False: "stage2.2.yaml"}
     sequence = [cli_args("train", recipe, model_name_or_path=tiny_merged, dataset="chats", dataset_dir=data,
                          tokenized_path=work / f"tokenized-{thinking}", output_dir=work / f"out-{thinking}",
-                         max_steps=1, per_device_train_batch_size=2, save_strategy="no")
+                         max_steps=1, per_device_train_batch_size=2)
                 for thinking, recipe in runs.items()]
     (work / "sequence.json").write_text(json.dumps(sequence, default=str))
     (work / "cli_sequence.py").write_text(CLI_SEQUENCE)
