@@ -37,8 +37,8 @@ sys.path.insert(0, str(REPO))
 
 STAGES = ["stage1", "stage2.1", "stage2.2", "stage3"]
 TINY_PIXELS = (56 * 56, 112 * 112)  # 4..16 visual tokens per image: quick on a CPU
-HUB_ROWS = 96            # pictures per hub dataset (ReCap, and each of the two OneVision configs)
-TEACHER_STEPS = 120      # the toy teacher's lessons (batches of 8)
+HUB_ROWS = 256           # pictures per hub dataset (ReCap, and each of the two OneVision configs)
+TEACHER_STEPS = 200      # the toy teacher's lessons (batches of 8)
 DISTILL_PER_SOURCE = 24  # OneVision rows per config sent to the teacher
 TEXT_QUERIES = 8         # text-version queries (DeepSeek + alpaca layouts) sent to the teacher
 BENCH_QUESTIONS = 16     # held-out benchmark questions (x4 rotations)

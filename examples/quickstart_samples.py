@@ -28,7 +28,6 @@ SHAPES = ("circle", "square", "triangle", "ellipse", "rectangle")
 BACKGROUNDS = {"white": (255, 255, 255), "light grey": (225, 225, 225), "beige": (245, 240, 220),
                "light blue": (220, 235, 250)}
 QUESTION = "What colour is the shape in the picture? Answer with one word."
-SHAPE_QUESTION = "Which shape is in the picture? Answer with one word."
 ONEVISION_CONFIGS = ["clevr(cauldron,llava_format)", "CLEVR-Math(MathV360K)"]
 # One seed per picture set: training data, the teacher's lessons, the benchmark and the served picture never share
 # a picture.
@@ -105,7 +104,7 @@ def write_hub_samples(root: Path, rows: int = 96) -> dict[str, Path]:
     synthdog.append({"image": encoded(drawn[0][0], "JPEG"), "ground_truth": "{'not': json}"})
     onevision = {  # cauldron configs carry no <image> tag (the converter prepends it); MathV360K ones carry one
         ONEVISION_CONFIGS[0]: [{"id": f"clevr-{i}", "image": encoded(p), "data_source": "quickstart",
-                                "conversations": conversation(QUESTION, m["colour"], SHAPE_QUESTION, m["shape"])}
+                                "conversations": conversation(QUESTION, m["colour"])}
                                for i, (p, m) in enumerate(clevr_part)],
         ONEVISION_CONFIGS[1]: [{"id": f"clevr-math-{i}", "image": encoded(p), "data_source": "quickstart",
                                 "conversations": conversation("<image>\n" + option_question(m["colour"], rng),

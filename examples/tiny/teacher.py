@@ -66,7 +66,7 @@ def encode(processor, batch: list[tuple[list, object, str]]):
     return full, target
 
 
-def teach(source: Path, out: Path, steps: int = 120, batch_size: int = 8, lr: float = 1e-3, seed: int = 2,
+def teach(source: Path, out: Path, steps: int = 200, batch_size: int = 8, lr: float = 1e-3, seed: int = 2,
           log=print) -> dict:
     """Train a copy of the tiny Qwen2.5-VL `source` into `out` (atomically); return the loss and timing."""
     import torch
@@ -81,7 +81,8 @@ def teach(source: Path, out: Path, steps: int = 120, batch_size: int = 8, lr: fl
     # The source ties its output layer to the embeddings (as vLLM loads it), but transformers 4.52 reads the flat
     # hub config's tie flag only at the top level and would give lm_head fresh random weights: tie it here.
     model.lm_head.weight = model.get_input_embeddings().weight
-    model.lm_head.weight.requires_grad_(False)  # a 152k-row table: Adam on it would cost more than all the rest
+    for name, param in model.named_parameters():  # as stage 2: the ViT stays as it is, its merger and the LLM learn
+        param.requires_grad_("visual" not in name or "merger" in name)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     rng, losses, started = np.random.default_rng(seed), [], time.time()
     for step in range(steps):
