@@ -2,8 +2,10 @@
 -> RFT parquet and DPO pairs -> `llamafactory-cli train` RFT, then DPO from the RFT output -> both checkpoints load
 in transformers, and the DPO checkpoint runs in vLLM (the rollouts script again: pass@1 after).
 
-Two vLLM engines in this module (before and after), each in a rollouts.py process of its own; both trainings run
-in one process through LLaMA-Factory's CLI entry point (imports paid once).
+Offline resume is checked on the way: a rerun of a finished run starts no engine and rewrites the same bytes, and a
+checkpoint cut as kill -9 leaves it resumes with only the missing rollouts into the same outputs. Three small vLLM
+engines in this module (before, resume, after), each in a rollouts.py process of its own; both trainings run in one
+process through LLaMA-Factory's CLI entry point (imports paid once).
 """
 from __future__ import annotations
 
@@ -106,6 +108,36 @@ def test_rft_rows_are_correct_replies_and_dpo_pairs_correct_against_incorrect(be
         assert reply_answer(row["rejected"]["content"]) != references[row["id"]]
     assert stats["overall"]["pairs"] == len(dpo)
     assert stats["overall"]["all_right"] == len(solved - failed) and stats["overall"]["all_wrong"] == len(failed - solved)
+
+
+OUTPUT_FILES = ("rft.parquet", "dpo.parquet", "kto.parquet", "verdicts.jsonl", "dataset_info.json")
+
+
+def test_rerun_of_a_finished_run_starts_no_engine_and_rewrites_the_same_bytes(before, tiny_merged_untied,
+                                                                              questions, work, env):
+    out, _ = before
+    files = {name: (out / name).read_bytes() for name in OUTPUT_FILES}
+    stats = rollouts(tiny_merged_untied, questions, out, env, work / "rerun.log")
+    assert stats["rollouts"]["requests sent"] == 0 and stats["rollouts"]["resumed (already done)"] == 3 * PER_KIND * K
+    assert "init engine" not in (work / "rerun.log").read_text()
+    assert {name: (out / name).read_bytes() for name in OUTPUT_FILES} == files
+
+
+def test_cut_checkpoint_resumes_with_only_the_missing_rollouts_and_the_same_outputs(before, tiny_merged_untied,
+                                                                                   questions, work, env):
+    """What kill -9 leaves in offline mode: the lines of finished batches and a torn last line."""
+    out, _ = before
+    cut = work / "cut"
+    cut.mkdir()
+    lines = (out / "rollouts.ckpt.jsonl").read_bytes().splitlines(keepends=True)
+    kept = len(lines) // 3
+    (cut / "rollouts.ckpt.jsonl").write_bytes(b"".join(lines[:kept]) + lines[kept][:25])
+    stats = rollouts(tiny_merged_untied, questions, cut, env, work / "cut.log")
+    assert stats["rollouts"]["requests sent"] == len(lines) - kept
+    resumed = (cut / "rollouts.ckpt.jsonl").read_bytes().splitlines()
+    assert len(resumed) == len({json.loads(line)["id"] for line in resumed}) == len(lines)
+    assert {name: (cut / name).read_bytes() for name in OUTPUT_FILES} == {name: (out / name).read_bytes()
+                                                                         for name in OUTPUT_FILES}
 
 
 def test_rft_trains_merger_and_language_model_with_the_vision_tower_frozen(trained, tiny_merged_untied):

@@ -119,15 +119,11 @@ class OfflineGenerator:
 
     def run(self, tasks: list[Task], checkpoint: Checkpoint, stats: Stats, progress: bool = True) -> None:
         """Generate every task not in ``checkpoint``; append each batch's results as soon as it is done."""
+        self.generate(pending_tasks(tasks, checkpoint, stats), checkpoint, stats, progress)
+
+    def generate(self, pending: list[Task], checkpoint: Checkpoint, stats: Stats, progress: bool = True) -> None:
         from tqdm import tqdm
 
-        pending = []
-        for task in tasks:
-            stats.items += 1
-            if checkpoint.done(task):
-                stats.resumed += 1
-            else:
-                pending.append(task)
         cache: dict = {}
         bar = tqdm(total=len(pending), desc="rollouts", disable=not progress, file=sys.stderr, dynamic_ncols=True)
         for start in range(0, len(pending), self.batch_size):
@@ -146,6 +142,14 @@ class OfflineGenerator:
                     stats.ok += 1
                 bar.update(len(group))
         bar.close()
+
+
+def pending_tasks(tasks: list[Task], checkpoint: Checkpoint, stats: Stats) -> list[Task]:
+    """The tasks ``checkpoint`` does not hold yet (counted in ``stats``: items, resumed)."""
+    pending = [t for t in tasks if not checkpoint.done(t)]
+    stats.items += len(tasks)
+    stats.resumed += len(tasks) - len(pending)
+    return pending
 
 
 def make_llm(args: argparse.Namespace, max_images: int):
@@ -267,10 +271,12 @@ def run(args: argparse.Namespace, llm=None) -> dict:
     if args.skip_generation:
         pass
     elif args.mode == "offline":
-        llm = llm or make_llm(args, max(len(q.images) for q in questions))
-        generator = OfflineGenerator(llm, args.model, sampling, args.batch_size)
         with Checkpoint(checkpoint_file) as checkpoint:
-            generator.run(tasks, checkpoint, stats, progress=not args.no_progress)
+            pending = pending_tasks(tasks, checkpoint, stats)
+            if pending:  # no engine start when everything is done already
+                llm = llm or make_llm(args, max(len(q.images) for q in questions))
+                generator = OfflineGenerator(llm, args.model, sampling, args.batch_size)
+                generator.generate(pending, checkpoint, stats, progress=not args.no_progress)
     else:
         asyncio.run(run_server(args, tasks, sampling, checkpoint_file, stats))
     with Checkpoint(checkpoint_file) as checkpoint:
