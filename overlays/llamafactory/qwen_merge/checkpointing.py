@@ -4,8 +4,8 @@ LLaMA-Factory enables gradient checkpointing on the whole model before the freez
 then runs a frozen block without checkpointing anyway (nothing to recompute for). But the flag still changes how
 the frozen block is called: the Qwen2.5-VL vision tower, for one, passes its blocks' inputs positionally through the
 wrapper instead of as keywords, which is what DeepSpeed ZeRO-3's parameter hooks then see. On 2-rank ZeRO-3 with the
-vision tower and LLM frozen (stage 1), that path gathered a frozen vision weight with uninitialised values, while the
-same run without checkpointing trained the projector exactly. So after freezing, a stack whose blocks are all frozen
+vision tower and LLM frozen (stage 1), the checkpointing run gathered a frozen vision weight with uninitialised values
+in its first forward, while the same run without checkpointing trained exactly the projector. So after freezing, a stack whose blocks are all frozen
 (the vision tower, a frozen LLM) is switched back to the plain call path; stacks with a trainable block keep
 checkpointing. Memory is unchanged: frozen blocks were never checkpointed.
 
