@@ -83,6 +83,7 @@ def teach(source: Path, out: Path, steps: int = 200, batch_size: int = 8, lr: fl
     model.lm_head.weight = model.get_input_embeddings().weight
     for name, param in model.named_parameters():  # as stage 2: the ViT stays as it is, its merger and the LLM learn
         param.requires_grad_("visual" not in name or "merger" in name)
+    model.lm_head.weight.requires_grad_(False)  # the tied 152k-row table: Adam on it costs more than all the rest
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     rng, losses, started = np.random.default_rng(seed), [], time.time()
     for step in range(steps):
