@@ -81,21 +81,3 @@ def test_guard_stops_a_run_whose_trainable_parameters_get_no_gradient(work, env,
     assert len(losses(out)) == 2  # stopped after the guard's 2 steps, not after 20
     assert not (out / "adapter_model.safetensors").exists()  # nothing saved as if it had trained
 
-
-@pytest.mark.parametrize("recipe,text_checkpointed", [("stage1.yaml", False), ("stage2.2.yaml", True)])
-def test_checkpointing_stays_only_on_stacks_that_train(recipe, text_checkpointed, tiny_merged, tmp_path):
-    """After LLaMA-Factory's loader (checkpointing enabled, then the freeze flags): the frozen vision tower's blocks
-    are called the plain way in every stage; the decoder layers are checkpointed only when the LLM trains."""
-    import yaml
-    from llamafactory.hparams import get_train_args
-    from llamafactory.model import load_model, load_tokenizer
-
-    args = yaml.safe_load((REPO / "examples" / "tiny" / recipe).read_text())
-    args.update(model_name_or_path=str(tiny_merged), output_dir=str(tmp_path / "out"), report_to="none")
-    model_args, _, training_args, finetuning_args, _ = get_train_args(args)
-    tokenizer = load_tokenizer(model_args)["tokenizer"]
-    model = load_model(tokenizer, model_args, finetuning_args, is_trainable=True)
-    vision, text = model.model.visual, model.model.language_model
-    assert not vision.gradient_checkpointing
-    assert all(layer.gradient_checkpointing is text_checkpointed for layer in text.layers)
-    assert any(p.requires_grad for p in vision.merger.parameters())
