@@ -38,6 +38,7 @@ def main_job(tmp_path_factory, venv_env):
 
 @pytest.mark.slow
 @pytest.mark.vllm
+@pytest.mark.timeout(1800)  # the main job's first run happens in this test's fixture
 def test_main_job_runs_every_step_and_reports(main_job):
     work, first = main_job
     state = {p.stem: json.loads(p.read_text()) for p in (work / "state").glob("*.json")}
@@ -54,6 +55,7 @@ def test_main_job_runs_every_step_and_reports(main_job):
 
 @pytest.mark.slow
 @pytest.mark.vllm
+@pytest.mark.timeout(1800)  # the main job's first run happens in this test's fixture
 def test_every_stage_trains_what_its_recipe_says_and_the_loss_falls(main_job):
     work, _ = main_job
     stages = json.loads((work / "state/train.json").read_text())["stages"]
@@ -68,6 +70,7 @@ def test_every_stage_trains_what_its_recipe_says_and_the_loss_falls(main_job):
 
 @pytest.mark.slow
 @pytest.mark.vllm
+@pytest.mark.timeout(1800)  # the main job's first run happens in this test's fixture
 def test_the_trained_model_sees_the_colour_and_the_untrained_merge_does_not(main_job):
     work, _ = main_job
     scores = json.loads((work / "report.json").read_text())["eval"]
@@ -78,6 +81,7 @@ def test_the_trained_model_sees_the_colour_and_the_untrained_merge_does_not(main
 
 @pytest.mark.slow
 @pytest.mark.vllm
+@pytest.mark.timeout(1800)  # the main job's first run happens in this test's fixture
 def test_the_served_model_names_the_colour_of_a_held_out_picture(main_job):
     work, _ = main_job
     serve = json.loads((work / "state/serve.json").read_text())
@@ -87,6 +91,7 @@ def test_the_served_model_names_the_colour_of_a_held_out_picture(main_job):
 
 @pytest.mark.slow
 @pytest.mark.vllm
+@pytest.mark.timeout(1800)  # the main job's first run happens in this test's fixture
 def test_the_final_model_generalises_to_independently_drawn_pictures(main_job, tmp_path):
     """Pictures from a seed no step uses, answered by transformers (not the pipeline's own serving or eval)."""
     import torch
@@ -115,6 +120,7 @@ def test_the_final_model_generalises_to_independently_drawn_pictures(main_job, t
 
 @pytest.mark.slow
 @pytest.mark.vllm
+@pytest.mark.timeout(1800)  # the main job's first run happens in this test's fixture
 def test_rerun_skips_every_finished_step(main_job, venv_env):
     work, _ = main_job
     before = (work / "state/train.json").read_text()
