@@ -107,11 +107,25 @@ class Comparison:
         return problems
 
 
+TIED_HEAD, EMBEDDINGS = "lm_head.weight", "model.language_model.embed_tokens.weight"
+
+
+def _same_tensor(a: tuple[Path, str], b: tuple[Path, str]) -> bool:
+    import torch
+
+    with open_safetensors(a[0]) as fa, open_safetensors(b[0]) as fb:
+        return torch.equal(fa.get_tensor(a[1]), fb.get_tensor(b[1]))
+
+
 def compare_checkpoints(before: Path, after: Path) -> Comparison:
     import torch
 
     left, right = tensor_index(before), tensor_index(after)
     result = Comparison(only_before=set(left) - set(right), only_after=set(right) - set(left))
+    # DeepSpeed ZeRO-3 saves a tied lm_head as its own tensor: an exact copy of the embeddings is an alias, not a change.
+    for index, only in ((left, result.only_before), (right, result.only_after)):
+        if TIED_HEAD in only and EMBEDDINGS in index and _same_tensor(index[TIED_HEAD], index[EMBEDDINGS]):
+            only.discard(TIED_HEAD)
     for name in sorted(set(left) & set(right)):
         (file_a, key_a), (file_b, key_b) = left[name], right[name]
         with open_safetensors(file_a) as fa, open_safetensors(file_b) as fb:

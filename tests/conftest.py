@@ -94,3 +94,13 @@ def pytest_configure(config):
     """Markers used by transformers' own test suite, which tests/test_modeling_common_peer.py runs (--strict-markers)."""
     for name in ("accelerate_tests", "flash_attn_test", "flash_attn_3_test", "torch_compile_test", "torch_export_test"):
         config.addinivalue_line("markers", f"{name}: marker of transformers' test suite")
+
+
+@pytest.fixture(autouse=True)
+def grad_mode_on():
+    """Every test starts with autograd on: a test (or a library it calls) that turns it off must not leak into the
+    next one (transformers' own training tests then fail with 'does not require grad')."""
+    import torch
+
+    torch.set_grad_enabled(True)
+    yield

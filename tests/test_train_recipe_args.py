@@ -127,35 +127,33 @@ def readme_training_loop() -> str:
     return block.group(1)
 
 
-def test_readme_training_loop_stops_at_the_first_failed_stage(tmp_path):
-    """A `llamafactory-cli` stand-in on PATH records each stage and fails stage 2.1: stages 2.2 and 3 must not start
-    (they would train from a missing or stale stage-2.1 checkpoint) and the loop must report the failure."""
+def run_readme_loop(tmp_path: Path, failing_stage: str | None = None) -> tuple[list[str], subprocess.CompletedProcess]:
+    """Run the README's training loop with a `llamafactory-cli` stand-in on PATH that records each stage it is given
+    and exits 3 on `failing_stage`: (the stages started, the finished loop)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "calls.txt"
+    fail = f'case "$2" in *{failing_stage}*) exit 3;; esac\n' if failing_stage else ""
     stub = bin_dir / "llamafactory-cli"
-    stub.write_text(f'#!/bin/sh\necho "$2" >> {calls}\ncase "$2" in *stage2.1*) exit 3;; esac\nexit 0\n')
+    stub.write_text(f'#!/bin/sh\necho "$2" >> {calls}\n{fail}exit 0\n')
     stub.chmod(0o755)
     script = tmp_path / "loop.sh"
     script.write_text(readme_training_loop())
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30,
                           check=False)
-    assert calls.read_text().split() == ["examples/qwen_merge_4b/stage1.yaml", "examples/qwen_merge_4b/stage2.1.yaml"]
+    return calls.read_text().split(), proc
+
+
+def test_readme_training_loop_stops_at_the_first_failed_stage(tmp_path):
+    """Stage 2.1 fails: stages 2.2 and 3 must not start (they would train from a missing or stale stage-2.1
+    checkpoint) and the loop must report the failure."""
+    started, proc = run_readme_loop(tmp_path, failing_stage="stage2.1")
+    assert started == ["examples/qwen_merge_4b/stage1.yaml", "examples/qwen_merge_4b/stage2.1.yaml"]
     assert proc.returncode != 0 and "stage2.1 failed" in proc.stderr  # fails, and says which stage
 
 
 def test_readme_training_loop_runs_every_stage_when_all_succeed(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    calls = tmp_path / "calls.txt"
-    stub = bin_dir / "llamafactory-cli"
-    stub.write_text(f'#!/bin/sh\necho "$2" >> {calls}\nexit 0\n')
-    stub.chmod(0o755)
-    script = tmp_path / "loop.sh"
-    script.write_text(readme_training_loop())
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30,
-                          check=False)
+    started, proc = run_readme_loop(tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert calls.read_text().split() == [f"examples/qwen_merge_4b/{s}.yaml" for s in STAGES]
+    assert started == [f"examples/qwen_merge_4b/{s}.yaml" for s in STAGES]

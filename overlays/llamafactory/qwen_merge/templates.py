@@ -38,6 +38,8 @@ class ChatSystemFormatter(StringFormatter):
 
     @override
     def apply(self, **kwargs):
+        if "content" not in kwargs:  # slots only (the ollama Modelfile export asks for them)
+            return super().apply(**kwargs)
         content = kwargs.pop("content")
         if content.startswith(TOOLS_WITHOUT_SYSTEM):
             content = content[2:]
@@ -50,6 +52,8 @@ class ThoughtFunctionFormatter(FunctionFormatter):
 
     @override
     def apply(self, **kwargs):
+        if "content" not in kwargs:
+            return super().apply(**kwargs)
         content = kwargs.pop("content")
         thought, end, calls = content.rpartition(END_THINK)
         slots = super().apply(content=calls, **kwargs)
