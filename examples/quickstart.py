@@ -27,6 +27,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 STEPS = ["sources", "merge", "data", "distill", "train", "serve", "eval"]
 STAGES = ["stage1", "stage2.1", "stage2.2", "stage3"]
+# What each step reads from earlier steps' results (state/<step>.json); checked before anything runs.
+NEEDS = {"sources": (), "merge": ("sources",), "data": ("sources",), "distill": ("sources", "merge", "data"),
+         "train": ("merge", "data"), "serve": ("sources", "train"), "eval": ("sources", "train")}
 ONEVISION_CONFIGS = ["ai2d(cauldron,llava_format)", "geo3k"]
 TINY_PIXELS = (56 * 56, 112 * 112)  # 4..16 visual tokens per image: quick on a CPU
 # Random toy teachers answer in the expected formats through vLLM guided decoding; the toy judge always passes so
@@ -128,6 +131,11 @@ class Pipeline:
         for name, regex in (("teacher", TEACHER_REGEX), ("judge", PASS_JUDGE_REGEX), ("glm", GLM_REGEX)):
             (bodies / f"{name}.json").write_text(json.dumps({"guided_regex": regex}))
         out = self.work / "distill"
+        # Rows longer than the stage-3 training cutoff are dropped (too_long), measured with the student's processor.
+        length = ["--processor", self.done("merge")["model"]]  # other sizes: the defaults match their stage3.yaml
+        if self.args.size == "tiny":  # examples/tiny/stage3.yaml
+            length += ["--cutoff_len", "1024", "--train_image_min_pixels", str(TINY_PIXELS[0]),
+                       "--train_image_max_pixels", str(TINY_PIXELS[1])]
         flags = ["--max_tokens", "48", "--max_retries", "5", "--request_timeout", "300", "--timeout_per_token", "0",
                  "--no_progress", "--max_workers", "4"]
         self.say("starting a vLLM server for the toy teacher and judge (float32: guided decoding runs on V0)")
@@ -143,14 +151,15 @@ class Pipeline:
                       out / "generated.json", "--output_file", out / "judged.json", "--judge_extra_body",
                       f"@{bodies / 'judge.json'}", *flags], "distill-text-judge")
             self.run([sys.executable, s3 / "text2image/convert.py", "--input_files", out / "judged.json",
-                      "--output_file", data / "text2image.parquet", "--max_workers", "2"], "distill-text-render")
+                      "--output_file", data / "text2image.parquet", "--max_workers", "2", *length],
+                     "distill-text-render")
             self.run([sys.executable, s3 / "image/process.py", "--data_dir", data / "llavaonevision_converted",
                       "--model_name", teacher, *api, "--samples_per_file", "3", "--output_file",
                       out / "glm_response.parquet", "--extra_body", f"@{bodies / 'glm.json'}", "--min_tokens", "8",
                       *flags], "distill-image-generate")
             self.run([sys.executable, s3 / "image/evaluate.py", "--input_file", out / "glm_response.parquet",
                       "--judge_model", teacher, *api, "--output_file", data / "image_thinking.parquet",
-                      "--judge_extra_body", f"@{bodies / 'judge.json'}", *flags], "distill-image-judge")
+                      "--judge_extra_body", f"@{bodies / 'judge.json'}", *flags, *length], "distill-image-judge")
         import pyarrow.parquet as pq
         return {"text2image_rows": pq.read_metadata(data / "text2image.parquet").num_rows,
                 "image_thinking_rows": pq.read_metadata(data / "image_thinking.parquet").num_rows}
@@ -230,6 +239,13 @@ class Pipeline:
     def main(self) -> int:
         started = time.time()
         wanted = self.args.steps.split(",") if self.args.steps else STEPS
+        needs = {**NEEDS, "data": ()} if self.args.data_dir else NEEDS  # --data-dir: nothing to build data from
+        missing = sorted({need for step in wanted for need in needs[step]
+                          if need not in wanted and not self.done(need)}, key=STEPS.index)
+        if missing:
+            self.say(f"error: --steps {','.join(wanted)} needs the results of {', '.join(missing)} in {self.work}: "
+                     f"run --steps {','.join(missing)} first (or add them to --steps)")
+            return 2
         for step in STEPS:
             if step not in wanted:
                 continue

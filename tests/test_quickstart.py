@@ -48,3 +48,14 @@ def test_quickstart_rejects_unknown_steps(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "examples/quickstart.py"), "--work", str(tmp_path),
                            "--steps", "merge,fly"], capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown step or stage: fly" in proc.stderr
+
+
+def test_a_step_whose_inputs_are_missing_names_the_steps_to_run_first(tmp_path, venv_env):
+    """`--steps train` on a fresh --work: one line naming the earlier steps, exit 2, no traceback, nothing run."""
+    proc = subprocess.run(["bash", str(REPO / "examples/quickstart.sh"), "--work", str(tmp_path / "fresh"),
+                           "--steps", "train"], capture_output=True, text=True,
+                          env={**venv_env, "PYTHON": sys.executable}, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "needs the results of merge, data" in proc.stdout and "run --steps merge,data first" in proc.stdout
+    assert not (tmp_path / "fresh" / "models").exists()
