@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,8 +83,10 @@ def decoder_tensors(t: dict, qwen3: bool, data: bool) -> list[tuple[str, list[in
     return out
 
 
-def write_checkpoint(root: Path, config: dict, tensors: list, shard_bytes: int, sparse_ok: bool) -> int:
-    """bf16 safetensors shards; tensors flagged False are left as sparse holes. Returns bytes of real data."""
+def write_checkpoint(root: Path, config: dict, tensors: list, shard_bytes: int, sparse_ok: bool,
+                     fill: Callable[[str, list, int], bytes] | None = None) -> int:
+    """bf16 safetensors shards; tensors flagged False are left as sparse holes when `sparse_ok`. Each written tensor
+    gets `fill(name, shape, nbytes)`, or random bytes by default. Returns bytes of real data."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.json").write_text(json.dumps(config, indent=1))
     block = os.urandom(1 << 24)
@@ -108,19 +111,23 @@ def write_checkpoint(root: Path, config: dict, tensors: list, shard_bytes: int, 
             weight_map[name] = fname
         blob = json.dumps(header).encode()
         blob += b" " * (-len(blob) % 8)
-        with open(root / fname, "wb") as f:
+        with open(root / f"{fname}.tmp", "wb") as f:
             f.write(struct.pack("<Q", len(blob)) + blob)
             start = f.tell()
             for name, shape, data, n in shard:
                 if data or not sparse_ok:
                     f.seek(start + header[name]["data_offsets"][0])
-                    left = n
-                    while left:
-                        chunk = block[:min(left, len(block))]
-                        f.write(chunk)
-                        left -= len(chunk)
+                    if fill:
+                        f.write(fill(name, shape, n))
+                    else:
+                        left = n
+                        while left:
+                            chunk = block[:min(left, len(block))]
+                            f.write(chunk)
+                            left -= len(chunk)
                     real += n
             f.truncate(start + off)
+        os.replace(root / f"{fname}.tmp", root / fname)
     (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return real
 

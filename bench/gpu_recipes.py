@@ -22,7 +22,6 @@ import io
 import json
 import os
 import random
-import struct
 import subprocess
 import sys
 import threading
@@ -32,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from bench.bench_merge import (PRESETS, add_tokenizer_and_processor, decoder_tensors, llm_config,  # noqa: E402
-                               vision_tensors, vlm_config)
+                               vision_tensors, vlm_config, write_checkpoint)
 
 QWEN3_4B = dict(hidden=2560, layers=36, inter=9728, heads=32, kv=8, head_dim=128, vocab=151936, tied=True)
 QWEN3_8B = dict(hidden=4096, layers=36, inter=12288, heads=32, kv=8, head_dim=128, vocab=151936, tied=False)
@@ -47,46 +46,19 @@ def write_random_checkpoint(root: Path, config: dict, tensors: list, shard_bytes
     """bf16 safetensors shards: normal(0, 0.02) matrices, ones for norm weights, zeros for biases; tensors flagged
     False are sparse holes (the merger never reads them)."""
     import torch
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "config.json").write_text(json.dumps(config, indent=1))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    shards, cur, size = [], [], 0
-    for name, shape, data in tensors:
-        n = 2 * int(torch.tensor(shape).prod())
-        if cur and size + n > shard_bytes:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append((name, shape, data, n))
-        size += n
-    shards.append(cur)
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
     gen = torch.Generator(device).manual_seed(0)
-    for fname, shard in zip(names, shards):
-        header, off = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape, _, n in shard:
-            header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [off, off + n]}
-            off += n
-            weight_map[name] = fname
-        blob = json.dumps(header).encode()
-        blob += b" " * (-len(blob) % 8)
-        with open(root / f"{fname}.tmp", "wb") as f:
-            f.write(struct.pack("<Q", len(blob)) + blob)
-            start = f.tell()
-            for name, shape, data, n in shard:
-                if not data:
-                    continue
-                if name.endswith("norm.weight") or ".norm" in name or "layernorm" in name or "ln_q" in name:
-                    t = torch.ones(shape, dtype=torch.bfloat16)
-                elif name.endswith(".bias"):
-                    t = torch.zeros(shape, dtype=torch.bfloat16)
-                else:
-                    t = (torch.randn(shape, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu()
-                f.seek(start + header[name]["data_offsets"][0])
-                f.write(t.view(torch.uint8).numpy().tobytes())
-            f.truncate(start + off)
-        os.replace(root / f"{fname}.tmp", root / fname)
-    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    def values(name: str, shape: list, nbytes: int) -> bytes:
+        if name.endswith("norm.weight") or ".norm" in name or "layernorm" in name or "ln_q" in name:
+            t = torch.ones(shape, dtype=torch.bfloat16)
+        elif name.endswith(".bias"):
+            t = torch.zeros(shape, dtype=torch.bfloat16)
+        else:
+            t = (torch.randn(shape, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu()
+        return t.view(torch.uint8).numpy().tobytes()
+
+    write_checkpoint(root, config, tensors, shard_bytes, sparse_ok=True, fill=values)
 
 
 def cmd_sources(args) -> None:
@@ -226,7 +198,6 @@ def cmd_train(args) -> int:
     lens = counts.get("stage1" if "stage1" in name else "stage3", [])
     mean_tokens = sum(lens) / len(lens) if lens else None
     times = [_seconds(r["elapsed_time"]) for r in log if "loss" in r]  # per logged step, "H:MM:SS"
-    step_s = [(b - a) for a, b in zip(times, times[1:])]
     steady = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None  # mean after the first step
     summary = {
         "recipe": args.recipe, "command": " ".join(cmd), "returncode": proc.returncode, "wall_s": round(wall, 1),
