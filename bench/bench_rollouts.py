@@ -38,7 +38,7 @@ GOAL_RATIO = 0.9
 def tiny_model(work: Path) -> Path:
     """The tests' tiny merged checkpoint, built offline (float32, head_dim 64)."""
     from merge import model_merger
-    from tests import tiny_models
+    from examples.tiny import tiny_models
 
     paths = tiny_models.build_all(work / "sources")
     out = work / "tiny-merged"
