@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.vllm_server import VllmUnavailable, vllm_server
+from examples.tiny.vllm_server import VllmUnavailable, vllm_server
 
 REPO = Path(__file__).resolve().parent.parent
 REPLIES = REPO / "tests" / "data" / "replies"

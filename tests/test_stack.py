@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_fixtures_load_in_transformers(tiny_qwen3, tiny_qwen3_untied, tiny_qwen25vl, sample_images):
     from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,
                               Qwen2Tokenizer)
-    from tests.tiny_models import IDS
+    from examples.tiny.tiny_models import IDS
 
     fast, slow = AutoTokenizer.from_pretrained(tiny_qwen3), Qwen2Tokenizer.from_pretrained(tiny_qwen3)
     text = "Hello 世界 <think>x</think><|im_start|>user"

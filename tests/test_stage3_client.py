@@ -357,7 +357,7 @@ def _running(pid: int) -> bool:
 
 
 def test_vllm_server_helper_starts_waits_and_stops_the_whole_group(tmp_path, monkeypatch):
-    from tests.vllm_server import VllmStartError, vllm_server
+    from examples.tiny.vllm_server import VllmStartError, vllm_server
 
     fake = tmp_path / "vllm"
     fake.write_text(FAKE_VLLM.format(python=sys.executable))
