@@ -1,9 +1,16 @@
 #!/usr/bin/env python3
 """Build a Qwen-Merge checkpoint: the vision tower + merger of a Qwen2.5-VL model, a new GELU + Linear projector to
-the width of a Qwen3 LLM, and that LLM, streamed tensor by tensor from safetensors (neither model is loaded).
+the width of a Qwen3 LLM (dense, or Qwen3-MoE), and that LLM, streamed tensor by tensor from safetensors (neither
+model is loaded).
 
     python merge/model_merger.py --vlm-path Qwen/Qwen2.5-VL-72B-Instruct --llm-path Qwen/Qwen3-4B \
         --output-path Qwen-Merge-VL-4B-base
+    python merge/model_merger.py --vlm-path Qwen/Qwen2.5-VL-72B-Instruct --llm-path Qwen/Qwen3-30B-A3B-Instruct-2507 \
+        --output-path Qwen-Merge-VL-30B-A3B-base
+
+A Qwen3-MoE LLM is taken whole like a dense one (attention, routers `mlp.gate`, every expert `mlp.experts.{e}.*`,
+dense `mlp.*` of `mlp_only_layers`); its MoE fields are carried into the merged config, where they select the MoE
+text model in transformers and vLLM.
 
 Memory stays at one tensor: tensors that keep their dtype are copied byte ranges from file to file, others are cast
 one at a time. The output is built in a temporary sibling directory and renamed into place at the end; a run finds
@@ -70,12 +77,17 @@ NEW_TENSORS: dict[str, tuple[str, Callable[[int, int], list[int]]]] = {
     "visual.merger.mlp.4.bias": ("zeros", lambda hidden, width: [hidden]),
 }
 
-# Tensors the configs imply (names as transformers saves them; {i} = layer / block index).
+# Tensors the configs imply (names as transformers saves them; {i} = layer / block index, {e} = expert index).
 QWEN3_GLOBAL = ("model.embed_tokens.weight", "model.norm.weight")
-QWEN3_LAYER = tuple("model.layers.{i}." + n for n in (
+QWEN3_ATTENTION = tuple("model.layers.{i}." + n for n in (
     "input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight", "self_attn.o_proj.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight",
-    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"))
+    "self_attn.v_proj.weight", "self_attn.o_proj.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight"))
+QWEN3_MLP = tuple("model.layers.{i}.mlp." + n for n in ("gate_proj.weight", "up_proj.weight", "down_proj.weight"))
+QWEN3_LAYER = QWEN3_ATTENTION + QWEN3_MLP
+# A Qwen3-MoE sparse layer: attention, the router, and each expert's MLP in place of the dense MLP.
+QWEN3_MOE_ROUTER = ("model.layers.{i}.mlp.gate.weight",)
+QWEN3_MOE_EXPERT = tuple("model.layers.{i}.mlp.experts.{e}." + n for n in (
+    "gate_proj.weight", "up_proj.weight", "down_proj.weight"))
 QWEN3_LAYER_BIAS = tuple("model.layers.{i}.self_attn." + n for n in (
     "q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj.bias"))  # only with attention_bias: true
 VISION_GLOBAL = ("visual.patch_embed.proj.weight", "visual.merger.ln_q.weight", "visual.merger.mlp.0.weight",
@@ -108,6 +120,13 @@ QWEN3_DEFAULTS = {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size"
                   "use_cache": True, "tie_word_embeddings": False, "rope_theta": 10000.0, "rope_scaling": None,
                   "attention_bias": False, "use_sliding_window": False, "sliding_window": 4096,
                   "max_window_layers": 28, "attention_dropout": 0.0}
+# Qwen3MoeConfig: other sizes, the MoE fields, and no head_dim parameter (it falls back to hidden / heads).
+QWEN3_MOE_DEFAULTS = {**{k: v for k, v in QWEN3_DEFAULTS.items() if k != "head_dim"},
+                      "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24,
+                      "num_key_value_heads": 4, "decoder_sparse_step": 1, "moe_intermediate_size": 768,
+                      "num_experts_per_tok": 8, "num_experts": 128, "norm_topk_prob": False,
+                      "output_router_logits": False, "router_aux_loss_coef": 0.001, "mlp_only_layers": None}
+LLM_DEFAULTS = {"qwen3": QWEN3_DEFAULTS, "qwen3_moe": QWEN3_MOE_DEFAULTS}  # the LLM kinds the merger takes
 # Qwen2_5_VLConfig's own defaults for the two ids it declares; the other vision ids have none.
 VLM_TOKEN_DEFAULTS = {"image_token_id": 151655, "video_token_id": 151656}
 # Keys of the LLM config not carried into the merged config (replaced, or meaningless for the merged model).
@@ -152,24 +171,53 @@ def vision_fields(config: dict) -> dict:
 
 
 def qwen3_fields(config: dict) -> dict:
-    """Every Qwen3Config field as transformers 4.52.3 resolves it: the config's value (null included), else the
-    class default; a null num_key_value_heads means one per attention head."""
-    fields = {**QWEN3_DEFAULTS, **{key: config[key] for key in QWEN3_DEFAULTS if key in config}}
+    """Every Qwen3Config (or, for model_type qwen3_moe, Qwen3MoeConfig) field as transformers 4.52.3 resolves it: the
+    config's value (null included), else the class default; a null num_key_value_heads means one per attention
+    head. A MoE config without head_dim gets hidden_size / num_attention_heads, as its attention computes it, and a
+    null mlp_only_layers is the empty list, as Qwen3MoeConfig stores it."""
+    defaults = LLM_DEFAULTS.get(config.get("model_type"), QWEN3_DEFAULTS)
+    fields = {**defaults, **{key: config[key] for key in defaults if key in config}}
     if fields["num_key_value_heads"] is None:
         fields["num_key_value_heads"] = fields["num_attention_heads"]
     fields["rope_scaling"] = rope_with_type(fields["rope_scaling"])
+    if defaults is QWEN3_MOE_DEFAULTS:
+        fields["head_dim"] = config.get("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
+        if fields["mlp_only_layers"] is None:
+            fields["mlp_only_layers"] = []
     return fields
+
+
+def is_sparse_layer(text: dict, i: int) -> bool:
+    """Whether layer i of a Qwen3-MoE holds experts (Qwen3MoeDecoderLayer's rule); always False for dense Qwen3."""
+    return (text.get("num_experts", 0) > 0 and i not in text["mlp_only_layers"]
+            and (i + 1) % text["decoder_sparse_step"] == 0)
+
+
+def check_moe_fields(text: dict) -> None:
+    """Refuse MoE settings that transformers or vLLM would crash on, before anything is written."""
+    step, experts, per_token = text["decoder_sparse_step"], text["num_experts"], text["num_experts_per_tok"]
+    if not isinstance(step, int) or step < 1:
+        raise MergeError(f"--llm-path config.json has decoder_sparse_step {step!r}; it must be an integer >= 1")
+    if not isinstance(experts, int) or experts < 1:
+        raise MergeError(f"--llm-path config.json has num_experts {experts!r}; a qwen3_moe LLM needs >= 1 expert")
+    if not isinstance(per_token, int) or not 1 <= per_token <= experts:
+        raise MergeError(f"--llm-path config.json has num_experts_per_tok {per_token!r}; it must be 1..{experts}")
+    layers = text["mlp_only_layers"]
+    if not isinstance(layers, list) or not all(isinstance(i, int) and 0 <= i < text["num_hidden_layers"]
+                                               for i in layers):
+        raise MergeError(f"--llm-path config.json has mlp_only_layers {layers!r}; it must list layer indices "
+                         f"0..{text['num_hidden_layers'] - 1}")
 
 
 def validate_kinds(vlm: dict, llm: dict) -> None:
     vlm_type, llm_type = vlm.get("model_type"), llm.get("model_type")
-    if vlm_type == "qwen3" and llm_type in ("qwen2_5_vl", MODEL_TYPE):
+    if vlm_type in LLM_DEFAULTS and llm_type in ("qwen2_5_vl", MODEL_TYPE):
         raise MergeError("--vlm-path and --llm-path look swapped (the VLM path holds a Qwen3, the LLM path a VLM)")
     if vlm_type != "qwen2_5_vl" or "vision_config" not in vlm:
         raise MergeError(f"--vlm-path must be a Qwen2.5-VL model (model_type qwen2_5_vl), got {vlm_type!r}")
-    if llm_type != "qwen3":
-        hint = " (MoE models are not supported)" if llm_type == "qwen3_moe" else ""
-        raise MergeError(f"--llm-path must be a dense Qwen3 model (model_type qwen3), got {llm_type!r}{hint}")
+    if llm_type not in LLM_DEFAULTS:
+        raise MergeError(f"--llm-path must be a Qwen3 model (model_type qwen3, or qwen3_moe for Qwen3-MoE), got "
+                         f"{llm_type!r}")
 
 
 def check_llm_rope(llm: dict, text: dict) -> None:
@@ -195,6 +243,8 @@ def build_config(vlm: dict, llm: dict, dtype: str) -> dict:
     vision token ids."""
     text = qwen3_fields(llm)
     check_llm_rope(llm, text)
+    if "num_experts" in text:
+        check_moe_fields(text)
     head_dim = text["head_dim"]
     section = (vlm_text_fields(vlm)["rope_scaling"] or {}).get("mrope_section")
     if not section:
@@ -387,9 +437,34 @@ def source_dtype(entry: dict) -> str:
 
 
 def expected_llm_tensors(text: dict) -> set[str]:
-    per_layer = QWEN3_LAYER + (QWEN3_LAYER_BIAS if text["attention_bias"] else ())
-    names = set(QWEN3_GLOBAL) | {n.format(i=i) for i in range(text["num_hidden_layers"]) for n in per_layer}
+    """The LLM tensor names its config implies: per layer attention (+ biases), then a dense MLP, or for a sparse
+    Qwen3-MoE layer the router and every expert's MLP."""
+    attention = QWEN3_ATTENTION + (QWEN3_LAYER_BIAS if text["attention_bias"] else ())
+    names = set(QWEN3_GLOBAL)
+    for i in range(text["num_hidden_layers"]):
+        names |= {n.format(i=i) for n in attention}
+        if is_sparse_layer(text, i):
+            names |= {n.format(i=i) for n in QWEN3_MOE_ROUTER}
+            names |= {n.format(i=i, e=e) for e in range(text["num_experts"]) for n in QWEN3_MOE_EXPERT}
+        else:
+            names |= {n.format(i=i) for n in QWEN3_MLP}
     return names if text["tie_word_embeddings"] else names | {"lm_head.weight"}
+
+
+def llm_key_shapes(text: dict) -> dict[str, list[int]]:
+    """Shapes of the tensors that pin the LLM's sizes: embedding, q/k projections, and for a MoE the first sparse
+    layer's router and expert MLP."""
+    hidden, head_dim = text["hidden_size"], text["head_dim"]
+    shapes = {"model.embed_tokens.weight": [text["vocab_size"], hidden],
+              "model.layers.0.self_attn.q_proj.weight": [text["num_attention_heads"] * head_dim, hidden],
+              "model.layers.0.self_attn.k_proj.weight": [text["num_key_value_heads"] * head_dim, hidden]}
+    sparse = [i for i in range(text["num_hidden_layers"]) if is_sparse_layer(text, i)]
+    if sparse:
+        prefix = f"model.layers.{sparse[0]}.mlp."
+        shapes[prefix + "gate.weight"] = [text["num_experts"], hidden]
+        shapes[prefix + "experts.0.gate_proj.weight"] = [text["moe_intermediate_size"], hidden]
+        shapes[prefix + "experts.0.down_proj.weight"] = [hidden, text["moe_intermediate_size"]]
+    return shapes
 
 
 def expected_vision_tensors(vision: dict) -> set[str]:
@@ -435,13 +510,11 @@ def plan_tensors(vlm: Source, llm: Source, config: dict, dtype: str, seed: int, 
                      set(), {"visual.patch_embed.proj.weight": patch, "visual.merger.mlp.0.weight": [merged_in] * 2,
                              "visual.merger.mlp.2.weight": [width, merged_in]},
                      f"vision depth {vision['depth']}, hidden {vision['hidden_size']}, out {width}")
-    hidden, head_dim = text["hidden_size"], text["head_dim"]
+    hidden = text["hidden_size"]
+    experts = f", {text['num_experts']} experts" if "num_experts" in text else ""
     check_tensor_set("--llm-path", llm.root, {n: e["shape"] for n, (_, e) in llm.tensors.items()},
-                     expected_llm_tensors(text), set(SKIP_IF_TIED),
-                     {"model.embed_tokens.weight": [text["vocab_size"], hidden],
-                      "model.layers.0.self_attn.q_proj.weight": [text["num_attention_heads"] * head_dim, hidden],
-                      "model.layers.0.self_attn.k_proj.weight": [text["num_key_value_heads"] * head_dim, hidden]},
-                     f"{text['num_hidden_layers']} layers, hidden {hidden}, tie_word_embeddings "
+                     expected_llm_tensors(text), set(SKIP_IF_TIED), llm_key_shapes(text),
+                     f"{text['num_hidden_layers']} layers{experts}, hidden {hidden}, tie_word_embeddings "
                      f"{str(text['tie_word_embeddings']).lower()}")
     tied = text["tie_word_embeddings"]
     llm_items = [Item(rename("llm", name), dtype, entry["shape"], "llm", path, entry, src=name)
@@ -657,7 +730,7 @@ class MergeOptions:
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 OPTION_HELP = {
     "vlm_path": "Qwen2.5-VL source: local dir or hub id",
-    "llm_path": "dense Qwen3 source: local dir or hub id",
+    "llm_path": "Qwen3 source (dense or Qwen3-MoE): local dir or hub id",
     "output_path": "output directory",
     "materials_path": "optional directory whose files are copied over the generated tokenizer/processor files",
     "dtype": "output dtype; auto = the LLM's dtype",

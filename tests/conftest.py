@@ -78,6 +78,18 @@ def tiny_merged_untied(tiny_qwen25vl, tiny_qwen3_untied) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_moe(fixture_paths) -> Path:
+    """Tiny Qwen3-MoE (untied, 6 experts / 2 per token, one dense mlp_only layer)."""
+    return fixture_paths["qwen3_moe"]
+
+
+@pytest.fixture(scope="session")
+def tiny_merged_moe(tiny_qwen25vl, tiny_qwen3_moe) -> Path:
+    """Tiny Qwen-Merge on the Qwen3-MoE (Qwen-Merge-VL-30B-A3B in miniature)."""
+    return _merged(tiny_qwen25vl, tiny_qwen3_moe, "tiny-merged-moe")
+
+
+@pytest.fixture(scope="session")
 def sample_images(fixture_paths) -> list[Path]:
     """Real photos (scikit-image / matplotlib sample data)."""
     return sorted(fixture_paths["images"].iterdir())

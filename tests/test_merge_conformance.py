@@ -3,7 +3,7 @@
 Rows: the hub originals of Qwen2.5-VL-3B/7B/32B/72B-Instruct and the same configs re-saved by transformers 4.51, 4.52,
 4.53 and >= 4.56 (nested text_config with nulls, rope_scaling with both type and rope_type, dtype instead of
 torch_dtype), each merged with Qwen3-4B; every dense Qwen3 (0.6B-32B, the 4B 2507 variants, a >= 4.56 re-save of 8B),
-a YaRN Qwen3 and a MoE Qwen3, each merged with the Qwen2.5-VL-7B original.
+a YaRN Qwen3 and a MoE Qwen3 (Qwen3-30B-A3B-Instruct-2507), each merged with the Qwen2.5-VL-7B original.
 
 * Every config, at full size, resolves in the merger exactly as transformers 4.52.3 resolves it (the installed
   Qwen2_5_VLConfig / Qwen3Config are the reference).
@@ -37,10 +37,9 @@ CONFIGS = REPO / "tests/data/configs"
 VLM_SIZES = ("3b", "7b", "32b", "72b")
 VLM_LAYOUTS = ("hub", "resaved_4_51", "resaved_4_52", "resaved_4_53", "resaved_4_56")
 LLMS = ("qwen3_0_6b", "qwen3_1_7b", "qwen3_4b", "qwen3_8b", "qwen3_14b", "qwen3_32b", "qwen3_4b_instruct_2507",
-        "qwen3_4b_thinking_2507", "qwen3_8b.resaved_4_56")
+        "qwen3_4b_thinking_2507", "qwen3_8b.resaved_4_56", "qwen3_30b_a3b_instruct_2507")
 REFUSED = {  # LLM config -> what the one-line refusal must say
     "qwen3_4b_yarn": ["rope_scaling 'yarn'", "vLLM", "remove \"rope_scaling\""],
-    "qwen3_30b_a3b_instruct_2507": ["dense Qwen3", "MoE models are not supported"],
 }
 ROWS = ([(f"qwen2_5_vl_{size}.{layout}", "qwen3_4b") for size in VLM_SIZES for layout in VLM_LAYOUTS]
         + [("qwen2_5_vl_7b.hub", llm) for llm in (*LLMS, *REFUSED)])
@@ -51,6 +50,7 @@ SHRINK_VLM_TEXT = {"hidden_size": 128, "intermediate_size": 128, "num_hidden_lay
 SHRINK_VISION = {"hidden_size": 64, "num_heads": 2, "intermediate_size": 128}  # depth, windows, out width: as published
 SHRINK_LLM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
               "num_key_value_heads": 1}
+SHRINK_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}  # only in qwen3_moe configs
 VLM_WEIGHT_VOCAB = 512  # the VLM's own text tower is never read by the merger: its embedding is kept small
 
 
@@ -121,12 +121,13 @@ def test_vlm_config_resolves_as_transformers_does(name):
 
 @pytest.mark.parametrize("name", [*LLMS, "qwen3_4b_yarn"])
 def test_llm_config_resolves_as_transformers_does(name):
-    from transformers import Qwen3Config
+    from transformers import AutoConfig
 
     config = published(name)
-    reference = Qwen3Config(**copy.deepcopy(config))
+    reference = AutoConfig.for_model(**copy.deepcopy(config))
     ours = model_merger.qwen3_fields(config)
-    assert ours == {key: getattr(reference, key) for key in model_merger.QWEN3_DEFAULTS}
+    assert ours == {key: getattr(reference, key) for key in model_merger.LLM_DEFAULTS[config["model_type"]]} | \
+        {"head_dim": reference.head_dim}
 
 
 def test_the_published_sparse_vision_configs_are_what_the_rows_exercise():
@@ -171,14 +172,17 @@ class Weights:
             self.built[key] = path
         return self.built[key]
 
-    def llm(self, tied: bool) -> Path:
-        from transformers import Qwen3Config, Qwen3ForCausalLM
+    def llm(self, tied: bool, kind: str = "qwen3") -> Path:
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-        key = ("llm", tied)
+        key = ("llm", tied, kind)
         if key not in self.built:
-            config = shrink(published("qwen3_4b" if tied else "qwen3_8b"), SHRINK_LLM)
-            model = randomize(Qwen3ForCausalLM(Qwen3Config(**config)), seed=100 + tied)
-            path = self.root / ("llm-tied" if tied else "llm-untied")
+            if kind == "qwen3_moe":
+                config = shrink(published("qwen3_30b_a3b_instruct_2507"), {**SHRINK_LLM, **SHRINK_MOE})
+            else:
+                config = shrink(published("qwen3_4b" if tied else "qwen3_8b"), SHRINK_LLM)
+            model = randomize(AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)), seed=100 + tied)
+            path = self.root / ("-".join(["llm", "tied" if tied else "untied", kind]))
             model.to(torch.bfloat16).save_pretrained(path, max_shard_size="8MB", safe_serialization=True)
             for f in self.tokenizer.iterdir():
                 shutil.copy2(f, path / f.name)
@@ -218,10 +222,11 @@ def source_dir(base: Path, weights_dir: Path, config: dict) -> Path:
 
 def sources_of(weights: Weights, tmp_path: Path, vlm_name: str, llm_name: str) -> tuple[Path, Path, dict, dict]:
     vlm_cfg = shrunk_vlm(published(vlm_name))
-    llm_cfg = shrink(published(llm_name), SHRINK_LLM)
+    llm_cfg = shrink(published(llm_name), SHRINK_LLM | (SHRINK_MOE if "num_experts" in published(llm_name) else {}))
     nested_keys = vlm_name.endswith(("resaved_4_52", "resaved_4_53", "resaved_4_56"))  # saved by those versions
     return (source_dir(tmp_path / "vlm", weights.vlm(vlm_cfg, nested_keys), vlm_cfg),
-            source_dir(tmp_path / "llm", weights.llm(bool(llm_cfg.get("tie_word_embeddings"))), llm_cfg),
+            source_dir(tmp_path / "llm", weights.llm(bool(llm_cfg.get("tie_word_embeddings")), llm_cfg["model_type"]),
+                       llm_cfg),
             vlm_cfg, llm_cfg)
 
 
@@ -236,17 +241,19 @@ def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
 TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "rope_theta", "max_position_embeddings", "rms_norm_eps",
                "tie_word_embeddings", "attention_bias", "hidden_act", "use_sliding_window", "max_window_layers")
+MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step", "mlp_only_layers",
+              "norm_topk_prob", "router_aux_loss_coef", "output_router_logits")
 
 
 def check_merged(out: Path, vlm: Path, llm: Path, vlm_cfg: dict, llm_cfg: dict, check_logits: bool) -> None:
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, Qwen2_5_VLConfig,
-                              Qwen3Config)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, Qwen2_5_VLConfig
 
     # config: as transformers reads the merged checkpoint == as it reads the sources
     merged = AutoConfig.from_pretrained(out)
-    src_vlm, src_llm = Qwen2_5_VLConfig(**copy.deepcopy(vlm_cfg)), Qwen3Config(**copy.deepcopy(llm_cfg))
-    for key in TEXT_FIELDS:
+    src_vlm, src_llm = Qwen2_5_VLConfig(**copy.deepcopy(vlm_cfg)), AutoConfig.for_model(**copy.deepcopy(llm_cfg))
+    for key in TEXT_FIELDS + (MOE_FIELDS if src_llm.model_type == "qwen3_moe" else ()):
         assert getattr(merged.text_config, key) == getattr(src_llm, key), key
+    assert merged.text_config.is_moe == (src_llm.model_type == "qwen3_moe")
     assert merged.text_config.rope_scaling["mrope_section"] == src_vlm.text_config.rope_scaling["mrope_section"]
     for key in model_merger.VISION_DEFAULTS:
         assert getattr(merged.vision_config, key) == getattr(src_vlm.vision_config, key), key

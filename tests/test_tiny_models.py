@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-CHECKPOINTS = pytest.mark.parametrize("name", ["qwen3", "qwen3_untied", "qwen25vl"])
+CHECKPOINTS = pytest.mark.parametrize("name", ["qwen3", "qwen3_untied", "qwen25vl", "qwen3_moe"])
 
 
 def is_norm(key: str) -> bool:

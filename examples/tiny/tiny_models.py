@@ -148,6 +148,33 @@ def build_qwen3(out: Path, tokenizer_dir: Path, tied: bool = True, seed: int = 0
     return out
 
 
+def build_qwen3_moe(out: Path, tokenizer_dir: Path, seed: int = 0, dtype: str = "float32") -> Path:
+    """Tiny Qwen3MoeForCausalLM shaped like Qwen3-30B-A3B: untied, head_dim 64, 4 heads / 2 kv heads, 3 layers of
+    which layer 1 is a dense MLP (mlp_only_layers, as some Qwen-MoE fine-tunes have) and layers 0 and 2 hold 6
+    experts with 2 routed per token (top-k renormalised, norm_topk_prob as the 30B-A3B)."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3MoeConfig(vocab_size=LLM_VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=40960,
+                         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.5,
+                         use_sliding_window=False, sliding_window=None, max_window_layers=3, attention_bias=False,
+                         num_experts=6, num_experts_per_tok=2, moe_intermediate_size=96, decoder_sparse_step=1,
+                         mlp_only_layers=[1], norm_topk_prob=True, router_aux_loss_coef=0.001,
+                         bos_token_id=IDS["<|endoftext|>"], eos_token_id=IDS["<|im_end|>"], torch_dtype=dtype)
+    cfg.architectures = ["Qwen3MoeForCausalLM"]
+    model = Qwen3MoeForCausalLM(cfg)
+    randomize_norms_and_biases(model, seed)
+    model = model.to(getattr(torch, dtype))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy2(f, out / f.name)
+    _save_generation_config(out, do_sample=True, temperature=0.7, top_k=20, top_p=0.8)
+    return out
+
+
 def build_qwen25vl(out: Path, tokenizer_dir: Path, seed: int = 0, dtype: str = "float32") -> Path:
     """Tiny Qwen2_5_VLForConditionalGeneration: vision depth 2 (window + full attention), text hidden 128."""
     import torch
@@ -214,7 +241,7 @@ def build_all(out: Path) -> dict[str, Path]:
     """Build every fixture under `out` (atomically: a half-built tree is never visible)."""
     out = Path(out)
     names = {"tokenizer": out / "tokenizer", "qwen3": out / "tiny-qwen3", "qwen3_untied": out / "tiny-qwen3-untied",
-             "qwen25vl": out / "tiny-qwen2_5-vl", "images": out / "images"}
+             "qwen25vl": out / "tiny-qwen2_5-vl", "images": out / "images", "qwen3_moe": out / "tiny-qwen3-moe"}
     if (out / "DONE").exists():
         return names
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent if out.parent.exists() else None))
@@ -223,6 +250,7 @@ def build_all(out: Path) -> dict[str, Path]:
         build_qwen3(tmp / "tiny-qwen3", tmp / "tokenizer", tied=True, seed=1)
         build_qwen3(tmp / "tiny-qwen3-untied", tmp / "tokenizer", tied=False, seed=2)
         build_qwen25vl(tmp / "tiny-qwen2_5-vl", tmp / "tokenizer", seed=3)
+        build_qwen3_moe(tmp / "tiny-qwen3-moe", tmp / "tokenizer", seed=4)
         sample_images(tmp / "images")
         (tmp / "DONE").write_text("ok\n")
         if out.exists() and not (out / "DONE").exists():

@@ -1,5 +1,6 @@
 """Qwen-Merge configuration: a Qwen2.5-VL vision config with a second projector width, and a Qwen3-style text config
-(explicit head_dim, no attention bias) driven by Qwen2.5-VL's 3-D M-RoPE."""
+(explicit head_dim, no attention bias) driven by Qwen2.5-VL's 3-D M-RoPE. A text config that carries Qwen3-MoE's
+fields (num_experts > 0, as the merger writes them from a qwen3_moe LLM) describes a Qwen3-MoE decoder."""
 from ..qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
 
 
@@ -25,13 +26,23 @@ class Qwen2_5_VL_MergeTextConfig(Qwen2_5_VLTextConfig):
         section = (self.rope_scaling or {}).get("mrope_section")
         if section is not None and 2 * sum(section) != self.head_dim:
             raise ValueError(f"rope_scaling.mrope_section {section} must sum to head_dim/2 = {self.head_dim // 2}")
+        if self.is_moe and getattr(self, "mlp_only_layers", None) is None:
+            self.mlp_only_layers = []  # as Qwen3MoeConfig stores a null
+
+    @property
+    def is_moe(self) -> bool:
+        """The text side is a Qwen3-MoE decoder (the MoE fields are present only for a qwen3_moe LLM)."""
+        return (getattr(self, "num_experts", None) or 0) > 0
 
 
 # Text fields mirrored at the top level: the merger writes flat configs, and vLLM reads text fields from there.
 _TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
                 "rope_theta", "rope_scaling", "attention_bias", "attention_dropout", "use_sliding_window",
-                "sliding_window", "max_window_layers", "tie_word_embeddings")
+                "sliding_window", "max_window_layers", "tie_word_embeddings",
+                # Qwen3-MoE only (absent from dense configs); LLaMA-Factory sets the last two for training
+                "num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",
+                "mlp_only_layers", "norm_topk_prob", "output_router_logits", "router_aux_loss_coef")
 
 
 class Qwen2_5_VL_MergeConfig(Qwen2_5_VLConfig):

@@ -5,7 +5,15 @@ Everything is inherited from the installed Qwen2.5-VL and Qwen3 code. The only n
 per forward into per-token cos/sin (the same selection of t/h/w frequency sections that Qwen2.5-VL does in every
 layer), so the unchanged Qwen3 layers apply it as ordinary RoPE. For text-only input t = h = w, so the merged model
 computes exactly what the source Qwen3 computes.
+
+The text model follows the LLM's kind (`text_config.is_moe`): the Qwen3 decoder, or the Qwen3-MoE decoder with the
+same folded M-RoPE. With `output_router_logits` (LLaMA-Factory sets it when `moe_aux_loss_coef` is given), a
+training forward adds `router_aux_loss_coef` x the load-balancing loss over the real tokens, as Qwen3MoeForCausalLM
+does.
 """
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,6 +21,7 @@ from torch import nn
 from ...modeling_utils import PreTrainedModel
 from ..qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
+    Qwen2_5_VLCausalLMOutputWithPast,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLModel,
     Qwen2_5_VLPatchMerger,
@@ -23,6 +32,7 @@ from ..qwen2_5_vl.modeling_qwen2_5_vl import (
     apply_rotary_pos_emb_vision,
 )
 from ..qwen3.modeling_qwen3 import Qwen3Model, Qwen3RMSNorm
+from ..qwen3_moe.modeling_qwen3_moe import Qwen3MoeModel, Qwen3MoeRMSNorm, load_balancing_loss_func
 from .configuration_qwen2_5_vl_merge import (
     Qwen2_5_VL_MergeConfig,
     Qwen2_5_VL_MergeTextConfig,
@@ -48,7 +58,8 @@ class Qwen2_5_VL_MergeVisionRMSNorm(Qwen2RMSNorm):
 
 
 def _use_fused_rms_norm(module: nn.Module) -> None:
-    fused = {Qwen3RMSNorm: Qwen2_5_VL_MergeRMSNorm, Qwen2RMSNorm: Qwen2_5_VL_MergeVisionRMSNorm}
+    fused = {Qwen3RMSNorm: Qwen2_5_VL_MergeRMSNorm, Qwen3MoeRMSNorm: Qwen2_5_VL_MergeRMSNorm,
+             Qwen2RMSNorm: Qwen2_5_VL_MergeVisionRMSNorm}
     for sub in module.modules():
         if type(sub) in fused:
             sub.__class__ = fused[type(sub)]
@@ -141,13 +152,48 @@ class Qwen2_5_VL_MergeTextModel(Qwen3Model):
         _use_fused_rms_norm(self)
 
 
+class Qwen2_5_VL_MergeMoeTextModel(Qwen3MoeModel):
+    """The Qwen3-MoE decoder stack with M-RoPE positions. Keeps the router logits of its last forward
+    (`last_router_logits`) for the auxiliary loss: Qwen2_5_VLModel.forward does not pass them on."""
+
+    config_class = Qwen2_5_VL_MergeTextConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.rotary_emb = Qwen2_5_VL_MergeRotaryEmbedding(config)
+        _use_fused_rms_norm(self)
+        self.last_router_logits = None
+
+    def forward(self, *args, **kwargs):
+        outputs = super().forward(*args, **kwargs)
+        self.last_router_logits = outputs.router_logits
+        return outputs
+
+
+def _real_tokens(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) 1/0 mask of the real tokens, from a 2-D padding mask (0/1, or neat_packing's segment ids 1..n) or
+    a 4-D block-diagonal mask (a real token attends to itself; padding rows attend to nothing)."""
+    if attention_mask.dim() == 4:
+        diagonal = attention_mask[:, 0].diagonal(dim1=-2, dim2=-1)
+        return diagonal if diagonal.dtype == torch.bool else diagonal == 0
+    return attention_mask != 0
+
+
+@dataclass
+class Qwen2_5_VL_MergeMoeCausalLMOutputWithPast(Qwen2_5_VLCausalLMOutputWithPast):
+    """+ the load-balancing loss (already in `loss`, weighted by router_aux_loss_coef) and the routers' logits."""
+
+    aux_loss: Optional[torch.FloatTensor] = None
+    router_logits: Optional[tuple] = None
+
+
 class Qwen2_5_VL_MergePreTrainedModel(Qwen2_5_VLPreTrainedModel):
     config_class = Qwen2_5_VL_MergeConfig
-    _no_split_modules = ["Qwen3DecoderLayer", "Qwen2_5_VLVisionBlock"]
+    _no_split_modules = ["Qwen3DecoderLayer", "Qwen3MoeDecoderLayer", "Qwen2_5_VLVisionBlock"]
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, Qwen3RMSNorm):
+        if isinstance(module, (Qwen3RMSNorm, Qwen3MoeRMSNorm)):
             module.weight.data.fill_(1.0)
 
 
@@ -155,7 +201,8 @@ class Qwen2_5_VL_MergeModel(Qwen2_5_VL_MergePreTrainedModel, Qwen2_5_VLModel):
     def __init__(self, config: Qwen2_5_VL_MergeConfig):
         PreTrainedModel.__init__(self, config)  # not Qwen2_5_VLModel.__init__: it would build the stock towers
         self.visual = Qwen2_5_VL_MergeVisionModel._from_config(config.vision_config)
-        self.language_model = Qwen2_5_VL_MergeTextModel._from_config(config.text_config)
+        text_model = Qwen2_5_VL_MergeMoeTextModel if config.text_config.is_moe else Qwen2_5_VL_MergeTextModel
+        self.language_model = text_model._from_config(config.text_config)
         self.rope_deltas = None
         self.post_init()
 
@@ -170,10 +217,29 @@ class Qwen2_5_VL_MergeForConditionalGeneration(Qwen2_5_VL_MergePreTrainedModel, 
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        """The inherited forward; for a MoE text model whose config asks for router logits, a forward with labels
+        also returns `aux_loss` and adds router_aux_loss_coef x aux_loss to `loss` (Qwen3MoeForCausalLM's rule)."""
+        outputs = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        text_model, text = self.model.language_model, self.config.text_config
+        router_logits = getattr(text_model, "last_router_logits", None)
+        if router_logits is None:
+            return outputs
+        text_model.last_router_logits = None  # do not keep the graph alive until the next step
+        if kwargs.get("labels") is None or not isinstance(outputs, Qwen2_5_VLCausalLMOutputWithPast):
+            return outputs
+        sparse = tuple(r for r in router_logits if r is not None)  # mlp_only_layers have no router
+        mask = None if attention_mask is None else _real_tokens(attention_mask).to(sparse[0].dtype)
+        aux_loss = load_balancing_loss_func(sparse, text.num_experts, text.num_experts_per_tok, mask)
+        loss = outputs.loss + text.router_aux_loss_coef * aux_loss.to(outputs.loss.device)
+        return Qwen2_5_VL_MergeMoeCausalLMOutputWithPast(
+            **{**outputs, "loss": loss}, aux_loss=aux_loss, router_logits=router_logits)
+
 
 __all__ = [
     "Qwen2_5_VL_MergeForConditionalGeneration",
     "Qwen2_5_VL_MergeModel",
+    "Qwen2_5_VL_MergeMoeTextModel",
     "Qwen2_5_VL_MergePreTrainedModel",
     "Qwen2_5_VL_MergeTextModel",
     "Qwen2_5_VL_MergeVisionModel",
