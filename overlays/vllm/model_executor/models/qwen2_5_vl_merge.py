@@ -6,8 +6,11 @@ Composed from vLLM's own pieces, nothing copied:
 * vision: `Qwen2_5_VisionTransformer` with its merger extended by `mlp.3` (GELU) and `mlp.4`, a
   `ColumnParallelLinear(gather_output=True)` (the source merger's `mlp.2` is a RowParallelLinear, so its output is
   already complete on every tensor-parallel rank);
-* text: vLLM's `Qwen3ForCausalLM` as is. Its attention builds the rotary embedding from `config.rope_scaling`, which
-  carries `mrope_section`, so `get_rope` returns an `MRotaryEmbedding` and the layers take (3, tokens) positions;
+* text: vLLM's `Qwen3ForCausalLM`, or `Qwen3MoeForCausalLM` when the config carries Qwen3-MoE's fields (merged from
+  a qwen3_moe LLM), as is: tensor- and expert-parallel settings (`--tensor-parallel-size`,
+  `--enable-expert-parallel`) apply to it exactly as to the stock model. Its attention builds the rotary embedding
+  from `config.rope_scaling`, which carries `mrope_section`, so `get_rope` returns an `MRotaryEmbedding` and the
+  layers take (3, tokens) positions;
 * multimodal processing, dummy inputs, input parsing, embedding merge and forward: Qwen2.5-VL's.
 
 Both checkpoint layouts load through the inherited `hf_to_vllm_mapper`: the merger's flat keys (`visual.*`, `model.*`,
@@ -35,7 +38,7 @@ from .qwen2_5_vl import (
 )
 from .utils import init_vllm_registered_model, maybe_prefix
 
-TEXT_ARCHITECTURE = "Qwen3ForCausalLM"
+TEXT_ARCHITECTURES = {False: "Qwen3ForCausalLM", True: "Qwen3MoeForCausalLM"}  # by config.text_config.is_moe
 
 
 class Qwen2_5_VL_MergePatchMerger(Qwen2_5_VisionPatchMerger):
@@ -80,7 +83,8 @@ class Qwen2_5_VL_MergeProcessingInfo(Qwen2_5_VLProcessingInfo):
 @MULTIMODAL_REGISTRY.register_processor(Qwen2_5_VLMultiModalProcessor, info=Qwen2_5_VL_MergeProcessingInfo,
                                         dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
 class Qwen2_5_VL_MergeForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
-    """`visual` = extended Qwen2.5-VL tower, `language_model` = vLLM's Qwen3ForCausalLM with M-RoPE."""
+    """`visual` = extended Qwen2.5-VL tower, `language_model` = vLLM's Qwen3ForCausalLM (or Qwen3MoeForCausalLM) with
+    M-RoPE."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         nn.Module.__init__(self)  # not the parent's __init__: it would build the stock tower and a Qwen2 LLM
@@ -93,5 +97,5 @@ class Qwen2_5_VL_MergeForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
             prefix=maybe_prefix(prefix, "visual"))
         self.language_model = init_vllm_registered_model(
             vllm_config=vllm_config, prefix=maybe_prefix(prefix, "language_model"),
-            architectures=[TEXT_ARCHITECTURE])
+            architectures=[TEXT_ARCHITECTURES[config.text_config.is_moe]])
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
