@@ -6,7 +6,7 @@ download source: pick the name, then put the local path in "Model path". One reg
 from ..extras.constants import register_model_group
 
 register_model_group(
-    models={"Qwen-Merge-VL-4B": {}, "Qwen-Merge-VL-8B": {}},
+    models={"Qwen-Merge-VL-4B": {}, "Qwen-Merge-VL-8B": {}, "Qwen-Merge-VL-30B-A3B": {}},
     template="qwen_merge_vl",
     multimodal=True,
 )
