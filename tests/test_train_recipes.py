@@ -75,7 +75,7 @@ def test_stage_recipe(size, stage):
 def test_every_recipe_uses_the_same_pixel_bounds():
     """One resolution for every stage and for chat (examples/README.md: evaluation must use the same bounds)."""
     recipes = sorted(EXAMPLES.glob("qwen_merge_*/*.yaml"))
-    assert len(recipes) == 14  # stages 1-3, chat, stage 4 (RFT, DPO), for 4B and 8B
+    assert len(recipes) == 19  # stages 1-3, chat, stage 4 (RFT, DPO), for 4B and 8B; stages 1-3, chat for 30B-A3B
     bounds = {(load(p)["image_min_pixels"], load(p)["image_max_pixels"]) for p in recipes}
     assert bounds == {(256 * 28 * 28, 1280 * 28 * 28)}
 

@@ -1,6 +1,7 @@
 """VLMEvalKit model class for Qwen-Merge checkpoints.
 
-Registered as ``Qwen-Merge-VL-4B`` / ``Qwen-Merge-VL-8B``:
+Registered as ``Qwen-Merge-VL-4B`` / ``Qwen-Merge-VL-8B`` / ``Qwen-Merge-VL-30B-A3B`` (the Qwen3-MoE text side,
+``$QWEN_MERGE_30B_A3B_PATH``; the backends load either kind from the checkpoint's config):
 
     export QWEN_MERGE_4B_PATH=/ckpt/Qwen-Merge-VL-4B-stage3
     export QWEN_MERGE_4B_ARGS='{"max_new_tokens": 16384}'     # optional: constructor options as JSON
