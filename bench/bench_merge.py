@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Merger benchmark: wall time against `cat` of the same bytes, and peak RSS as the VLM source grows.
 
-Writes synthetic safetensors checkpoints with the real tensor names and shapes (Qwen2.5-VL 7B / 72B, Qwen3 1.7B),
-then times, side by side in one run:
+Writes synthetic safetensors checkpoints with the real tensor names and shapes (Qwen2.5-VL 7B / 72B, Qwen3 1.7B,
+Qwen3-30B-A3B with its 128 experts per layer), then times, side by side in one run:
   * `cat` of the bytes the merger has to move (the LLM shards + the VLM shard holding the vision tower) into a file,
   * merge/model_merger.py (subprocess, peak RSS from wait4),
   * the whole-model approach of the original recipe (from_pretrained of both models, state_dict copy,
@@ -11,6 +11,8 @@ The VLM's language-model tensors are written as sparse holes: the merger never r
 
     python bench/bench_merge.py --work /tmp/bench-merge             # 7B + 72B VLM sources, Qwen3-1.7B
     python bench/bench_merge.py --work /tmp/bench-merge --preset toy # seconds, for CI
+    python bench/bench_merge.py --work /tmp/bench-merge --preset moe --moe-layers 8   # 72B VLM + Qwen3-30B-A3B
+                                  # shapes, 8 of its 48 layers (each layer: 128 x 3 expert tensors + router)
 """
 from __future__ import annotations
 
@@ -42,6 +44,11 @@ LLMS = {
     "qwen3-1.7b": dict(hidden=2048, layers=28, inter=6144, heads=16, kv=8, head_dim=128, vocab=151936, tied=True),
     "qwen3-0.6b": dict(hidden=1024, layers=28, inter=3072, heads=16, kv=8, head_dim=128, vocab=151936, tied=True),
     "qwen3-toy": dict(hidden=192, layers=2, inter=384, heads=4, kv=2, head_dim=128, vocab=151936, tied=True),
+    # Qwen3-30B-A3B (Qwen3MoeForCausalLM): every layer sparse, 128 experts of width 768, 8 routed per token
+    "qwen3-30b-a3b": dict(hidden=2048, layers=48, inter=6144, heads=32, kv=4, head_dim=128, vocab=151936,
+                          tied=False, experts=128, moe_inter=768, top_k=8),
+    "qwen3-moe-toy": dict(hidden=192, layers=2, inter=384, heads=4, kv=2, head_dim=128, vocab=151936, tied=True,
+                          experts=4, moe_inter=64, top_k=2),
 }
 
 
@@ -69,9 +76,17 @@ def decoder_tensors(t: dict, qwen3: bool, data: bool) -> list[tuple[str, list[in
         p = f"model.layers.{n}."
         out += [(p + "input_layernorm.weight", [h], data), (p + "post_attention_layernorm.weight", [h], data),
                 (p + "self_attn.q_proj.weight", [q, h], data), (p + "self_attn.k_proj.weight", [kv, h], data),
-                (p + "self_attn.v_proj.weight", [kv, h], data), (p + "self_attn.o_proj.weight", [h, q], data),
-                (p + "mlp.gate_proj.weight", [t["inter"], h], data), (p + "mlp.up_proj.weight", [t["inter"], h], data),
-                (p + "mlp.down_proj.weight", [h, t["inter"]], data)]
+                (p + "self_attn.v_proj.weight", [kv, h], data), (p + "self_attn.o_proj.weight", [h, q], data)]
+        if t.get("experts"):  # Qwen3-MoE sparse layer: router + each expert's MLP
+            m = t["moe_inter"]
+            out.append((p + "mlp.gate.weight", [t["experts"], h], data))
+            for e in range(t["experts"]):
+                out += [(p + f"mlp.experts.{e}.gate_proj.weight", [m, h], data),
+                        (p + f"mlp.experts.{e}.up_proj.weight", [m, h], data),
+                        (p + f"mlp.experts.{e}.down_proj.weight", [h, m], data)]
+        else:
+            out += [(p + "mlp.gate_proj.weight", [t["inter"], h], data),
+                    (p + "mlp.up_proj.weight", [t["inter"], h], data), (p + "mlp.down_proj.weight", [h, t["inter"]], data)]
         if qwen3:
             out += [(p + "self_attn.q_norm.weight", [head_dim], data), (p + "self_attn.k_norm.weight", [head_dim], data)]
         else:
@@ -148,6 +163,11 @@ def vlm_config(v: dict, t: dict) -> dict:
 
 
 def llm_config(t: dict) -> dict:
+    if t.get("experts"):
+        return {**llm_config({k: v for k, v in t.items() if k != "experts"}),
+                "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_experts": t["experts"],
+                "num_experts_per_tok": t["top_k"], "moe_intermediate_size": t["moe_inter"], "decoder_sparse_step": 1,
+                "mlp_only_layers": [], "norm_topk_prob": True, "router_aux_loss_coef": 0.001}
     return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": t["hidden"],
             "intermediate_size": t["inter"], "num_hidden_layers": t["layers"], "num_attention_heads": t["heads"],
             "num_key_value_heads": t["kv"], "head_dim": t["head_dim"], "vocab_size": t["vocab"],
@@ -206,16 +226,22 @@ def bench_pair(work: Path, vlm: Path, llm: Path, label: str) -> dict:
     cat = lambda: run_measured(["bash", "-c", f"cat {' '.join(map(str, files))} > {work / 'cat.out'}"])  # noqa
     cat()  # warm the page cache for both contenders
     cat_s = min(cat()[0] for _ in range(2))
-    out = work / f"merged-{label}"
-    merge_runs = [run_measured([sys.executable, str(REPO / "merge/model_merger.py"), "--vlm-path", str(vlm),
-                                "--llm-path", str(llm), "--output-path", str(out), "--overwrite", "--quiet"])
-                  for _ in range(2)]
+    (work / "cat.out").unlink()  # disk: never the copy and a merged output at once
+    out = work / f"merged-{label.split()[0]}"
+
+    def merge_once():
+        shutil.rmtree(out, ignore_errors=True)  # each run writes a fresh output (no --overwrite double copy)
+        return run_measured([sys.executable, str(REPO / "merge/model_merger.py"), "--vlm-path", str(vlm),
+                             "--llm-path", str(llm), "--output-path", str(out), "--quiet"])
+    merge_runs = [merge_once() for _ in range(2)]
     merge_s, rss = min(r[0] for r in merge_runs), max(r[1] for r in merge_runs)
     moved = sum(f.stat().st_size for f in files)
     written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    (work / "cat.out").unlink()
+    from merge.model_merger import read_safetensors_header
+    tensors = sum(len(read_safetensors_header(f)[0]) for f in out.glob("*.safetensors"))
     shutil.rmtree(out)
-    return {"case": label, "cat_bytes_GB": round(moved / 1e9, 2), "written_GB": round(written / 1e9, 2),
+    return {"case": label, "tensors": tensors, "cat_bytes_GB": round(moved / 1e9, 2),
+            "written_GB": round(written / 1e9, 2),
             "cat_s": round(cat_s, 2), "merge_s": round(merge_s, 2), "merge_over_cat": round(merge_s / cat_s, 2),
             "merge_peak_rss_GB": round(rss, 2)}
 
@@ -252,14 +278,17 @@ def bench_baseline(work: Path, vlm: Path, llm: Path) -> dict:
             "speedup": round(wall / ours_wall, 2), "rss_ratio": round(rss / ours_rss, 1)}
 
 
-def make_sources(work: Path, vlm_preset: str, llm_name: str, vlm_llm_sparse: bool = True) -> tuple[Path, Path]:
+def make_sources(work: Path, vlm_preset: str, llm_name: str, vlm_llm_sparse: bool = True,
+                 llm_layers: int | None = None) -> tuple[Path, Path]:
+    """Synthetic VLM and LLM checkpoints under `work` (reused when present); `llm_layers` keeps only that many of the
+    LLM's layers (same tensor shapes, fewer of them)."""
     vision, text = PRESETS[vlm_preset]
-    vlm, llm = work / f"src-{vlm_preset}", work / f"src-{llm_name}"
+    t = {**LLMS[llm_name], **({"layers": llm_layers} if llm_layers else {})}
+    vlm, llm = work / f"src-{vlm_preset}", work / f"src-{llm_name}-{t['layers']}l"
     if not (vlm / "config.json").exists():
         write_checkpoint(vlm, vlm_config(vision, text),
                          vision_tensors(vision) + decoder_tensors(text, qwen3=False, data=not vlm_llm_sparse),
                          5 * 10**9, sparse_ok=vlm_llm_sparse)
-    t = LLMS[llm_name]
     if not (llm / "config.json").exists():
         write_checkpoint(llm, llm_config(t), decoder_tensors(t, qwen3=True, data=True), 5 * 10**9, sparse_ok=False)
         add_tokenizer_and_processor(vlm, llm)
@@ -271,27 +300,34 @@ def make_sources(work: Path, vlm_preset: str, llm_name: str, vlm_llm_sparse: boo
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "qwen-merge-bench-merge")
-    p.add_argument("--preset", choices=["full", "toy"], default="full")
+    p.add_argument("--preset", choices=["full", "toy", "moe", "moe-toy"], default="full",
+                   help="full: 7B and 72B VLM + Qwen3-1.7B; moe: 72B VLM + Qwen3-30B-A3B shapes; toy / moe-toy: "
+                        "seconds-long versions")
+    p.add_argument("--moe-layers", type=int, default=8,
+                   help="layers of the Qwen3-30B-A3B source for --preset moe (48 = all, 62 GB; each layer 1.25 GB)")
     p.add_argument("--baseline", action="store_true", help="also run the whole-model (original-style) baseline")
     p.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rows, base = [], None
-    cases = [("vltoy", "qwen3-toy")] if args.preset == "toy" else [("vl7b", "qwen3-1.7b"), ("vl72b", "qwen3-1.7b")]
-    for vlm_preset, llm_name in cases:
-        vlm, llm = make_sources(args.work, vlm_preset, llm_name)
-        rows.append(bench_pair(args.work, vlm, llm, f"{vlm_preset}+{llm_name}"))
+    cases = {"toy": [("vltoy", "qwen3-toy", None)], "moe-toy": [("vltoy", "qwen3-moe-toy", None)],
+             "moe": [("vl72b", "qwen3-30b-a3b", args.moe_layers)],
+             "full": [("vl7b", "qwen3-1.7b", None), ("vl72b", "qwen3-1.7b", None)]}[args.preset]
+    for vlm_preset, llm_name, layers in cases:
+        vlm, llm = make_sources(args.work, vlm_preset, llm_name, llm_layers=layers)
+        label = f"{vlm_preset}+{llm_name}" + (f" ({layers} of {LLMS[llm_name]['layers']} layers)" if layers else "")
+        rows.append(bench_pair(args.work, vlm, llm, label))
         print(json.dumps(rows[-1]), flush=True)
     if args.baseline:
         pair = ("vltoy", "qwen3-toy") if args.preset == "toy" else ("vl3b", "qwen3-0.6b")
         vlm, llm = make_sources(args.work, *pair, vlm_llm_sparse=False)
         base = bench_baseline(args.work, vlm, llm)
         print(json.dumps(base), flush=True)
-    print("\n| case | bytes moved (GB) | cat (s) | merge (s) | merge / cat | merge peak RSS (GB) |")
-    print("|---|---|---|---|---|---|")
+    print("\n| case | tensors | bytes moved (GB) | cat (s) | merge (s) | merge / cat | merge peak RSS (GB) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['cat_bytes_GB']} | {r['cat_s']} | {r['merge_s']} | {r['merge_over_cat']} | "
-              f"{r['merge_peak_rss_GB']} |")
+        print(f"| {r['case']} | {r['tensors']} | {r['cat_bytes_GB']} | {r['cat_s']} | {r['merge_s']} | "
+              f"{r['merge_over_cat']} | {r['merge_peak_rss_GB']} |")
     if base:
         print(f"\nwhole-model baseline ({base['case']}): {base['whole_model_s']} s, {base['whole_model_rss_GB']} GB "
               f"peak RSS vs streaming {base['streaming_s']} s, {base['streaming_rss_GB']} GB "

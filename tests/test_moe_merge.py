@@ -11,20 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from merge import model_merger
+from tests.test_merge_conformance import all_tensors as tensors_of
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT_IDS = [151644, 872, 198, *range(1000, 1031), 151645, 198, 151644, 77091, 198]
-
-
-def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -137,15 +137,22 @@ def build_qwen3(out: Path, tokenizer_dir: Path, tied: bool = True, seed: int = 0
                       use_sliding_window=False, sliding_window=None, max_window_layers=2, attention_bias=False,
                       bos_token_id=IDS["<|endoftext|>"], eos_token_id=IDS["<|im_end|>"], torch_dtype=dtype)
     cfg.architectures = ["Qwen3ForCausalLM"]
-    model = Qwen3ForCausalLM(cfg)
+    _save_causal_lm(Qwen3ForCausalLM(cfg), out, tokenizer_dir, seed, dtype,
+                    dict(do_sample=True, temperature=0.6, top_k=20, top_p=0.95))
+    return out
+
+
+def _save_causal_lm(model, out: Path, tokenizer_dir: Path, seed: int, dtype: str, generation: dict) -> None:
+    """Randomise norms and biases, cast, and save with the tokenizer files and a generation config."""
+    import torch
+
     randomize_norms_and_biases(model, seed)
     model = model.to(getattr(torch, dtype))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     for f in tokenizer_dir.iterdir():
         shutil.copy2(f, out / f.name)
-    _save_generation_config(out, do_sample=True, temperature=0.6, top_k=20, top_p=0.95)
-    return out
+    _save_generation_config(out, **generation)
 
 
 def build_qwen3_moe(out: Path, tokenizer_dir: Path, seed: int = 0, dtype: str = "float32") -> Path:
@@ -164,14 +171,8 @@ def build_qwen3_moe(out: Path, tokenizer_dir: Path, seed: int = 0, dtype: str = 
                          mlp_only_layers=[1], norm_topk_prob=True, router_aux_loss_coef=0.001,
                          bos_token_id=IDS["<|endoftext|>"], eos_token_id=IDS["<|im_end|>"], torch_dtype=dtype)
     cfg.architectures = ["Qwen3MoeForCausalLM"]
-    model = Qwen3MoeForCausalLM(cfg)
-    randomize_norms_and_biases(model, seed)
-    model = model.to(getattr(torch, dtype))
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy2(f, out / f.name)
-    _save_generation_config(out, do_sample=True, temperature=0.7, top_k=20, top_p=0.8)
+    _save_causal_lm(Qwen3MoeForCausalLM(cfg), out, tokenizer_dir, seed, dtype,
+                    dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.8))
     return out
 
 
