@@ -92,3 +92,24 @@ def test_packed_and_unpacked_batches_give_the_same_loss_and_router_loss(packed_a
     assert torch.isfinite(packed_out.loss) and packed_out.aux_loss > 2.0
     torch.testing.assert_close(packed_out.aux_loss, unpacked_out.aux_loss, rtol=1e-5, atol=0)
     torch.testing.assert_close(packed_out.loss, unpacked_out.loss, rtol=1e-5, atol=0)
+
+
+def test_zero3_keeps_each_sparse_moe_block_whole(tiny_merged_moe, tiny_merged):
+    """Under ZeRO-3, LLaMA-Factory marks the Qwen3-MoE blocks as DeepSpeed leaf modules (gathered whole, not
+    expert by expert) for our model_type too; a dense Qwen-Merge gets no leaf modules."""
+    from llamafactory.model.model_utils.moe import add_z3_leaf_module
+    from transformers import AutoModelForImageTextToText
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    models = {2: AutoModelForImageTextToText.from_pretrained(tiny_merged_moe),  # built before ZeRO-3 is on
+              0: AutoModelForImageTextToText.from_pretrained(tiny_merged)}
+    keep = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})  # noqa: F841
+    try:
+        assert is_deepspeed_zero3_enabled()
+        for expected, model in models.items():
+            add_z3_leaf_module(model)
+            leaves = [type(m).__name__ for m in model.modules() if getattr(m, "_z3_leaf", False)]
+            assert leaves == ["Qwen3MoeSparseMoeBlock"] * expected, leaves
+    finally:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+        unset_hf_deepspeed_config()
