@@ -154,3 +154,15 @@ def test_moe_defaults_table_equals_the_installed_qwen3_moe_config():
     signature = inspect.signature(Qwen3MoeConfig.__init__).parameters
     assert {k: signature[k].default for k in model_merger.QWEN3_MOE_DEFAULTS} == model_merger.QWEN3_MOE_DEFAULTS
     assert "head_dim" not in signature  # hence the hidden / heads fallback in qwen3_fields
+
+
+def test_forward_keeps_the_parents_parameters_for_trainer_and_generate():
+    """The aux-loss wrapper must not hide `labels` etc.: Trainer finds label columns (and so computes eval loss)
+    from the forward signature."""
+    import inspect
+
+    from transformers import Qwen2_5_VL_MergeForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+    from transformers.utils import find_labels
+    assert find_labels(Qwen2_5_VL_MergeForConditionalGeneration) == ["labels"]
+    assert inspect.signature(Qwen2_5_VL_MergeForConditionalGeneration.forward) == \
+        inspect.signature(Qwen2_5_VLForConditionalGeneration.forward)

@@ -11,6 +11,7 @@ same folded M-RoPE. With `output_router_logits` (LLaMA-Factory sets it when `moe
 training forward adds `router_aux_loss_coef` x the load-balancing loss over the real tokens, as Qwen3MoeForCausalLM
 does.
 """
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -234,6 +235,9 @@ class Qwen2_5_VL_MergeForConditionalGeneration(Qwen2_5_VL_MergePreTrainedModel, 
         loss = outputs.loss + text.router_aux_loss_coef * aux_loss.to(outputs.loss.device)
         return Qwen2_5_VL_MergeMoeCausalLMOutputWithPast(
             **{**outputs, "loss": loss}, aux_loss=aux_loss, router_logits=router_logits)
+
+    # the parent's parameters, as Trainer (labels) and GenerationMixin read them from the signature
+    forward.__signature__ = inspect.signature(Qwen2_5_VLForConditionalGeneration.forward)
 
 
 __all__ = [
