@@ -23,7 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 STAGES = ("stage1", "stage2.1", "stage2.2", "stage3")
-SIZES = ("4B", "8B")
+SIZES = ("4B", "8B", "30B_A3B")  # folders examples/qwen_merge_{size.lower()}
 INTERRUPTED = "examples/qwen_merge_4b/stage2.1.yaml"  # validated with checkpoints in its output_dir
 
 pytestmark = pytest.mark.timeout(300)
