@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import inspect
 import json
 import statistics
 import time
@@ -102,18 +101,15 @@ def make_batch(cfg, samples: int, image_side: int, text_tokens, device, dtype, p
         batch.update(input_ids=ids.to(device), labels=labels.to(device), attention_mask=real.long().to(device))
         return batch, sum(lengths), samples * n_patch, lengths
     ids, labels = ids[real], labels[real]
-    # packed: one row, M-RoPE positions per sample; on GPU document ids drive flex attention, elsewhere an explicit
-    # block-diagonal causal mask
+    # packed: one row, M-RoPE positions per sample, and the 4-D block-diagonal causal mask LLaMA-Factory's collator
+    # builds for neat_packing (its own function)
+    from llamafactory.data.collator import prepare_4d_attention_mask
     get_rope_index = _rope_index_fn(cfg)
     positions = [get_rope_index(r[None], thw[i:i + 1])[0] for i, r in enumerate(rows)]
     doc = torch.cat([torch.full((len(r),), i + 1) for i, r in enumerate(rows)])
-    if device == "cuda":
-        mask = doc[None]
-    else:
-        allowed = (doc[:, None] == doc[None, :]) & torch.ones(len(doc), len(doc), dtype=torch.bool).tril()
-        mask = torch.zeros(1, 1, len(doc), len(doc), dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     batch.update(input_ids=ids.reshape(1, -1).to(device), labels=labels.reshape(1, -1).to(device),
-                 position_ids=torch.cat(positions, dim=-1).to(device), attention_mask=mask.to(device))
+                 position_ids=torch.cat(positions, dim=-1).to(device),
+                 attention_mask=prepare_4d_attention_mask(doc[None], dtype).to(device))
     return batch, ids.numel(), samples * n_patch, lengths
 
 
@@ -124,8 +120,9 @@ def _rope_index_fn(cfg):
     return lambda ids, thw: Qwen2_5_VLModel.get_rope_index(holder, ids, image_grid_thw=thw)
 
 
-def flops_per_step(cfg, samples: int, lengths: list[int], patches_per_sample: int) -> float:
-    """Matmul FLOPs of forward + backward over the real (unpadded) tokens of each sample."""
+def flops_per_step(cfg, samples: int, lengths: list[int], patches_per_sample: int, vision_frozen=False) -> float:
+    """Matmul FLOPs of forward + backward over the real (unpadded) tokens of each sample. A frozen vision tower (as
+    in every recipe; its merger still trains) runs forward only: its FLOPs count once."""
     t, v = cfg.text_config, cfg.vision_config
     hd = getattr(t, "head_dim", t.hidden_size // t.num_attention_heads)
     q, kv = t.num_attention_heads * hd, t.num_key_value_heads * hd
@@ -137,11 +134,12 @@ def flops_per_step(cfg, samples: int, lengths: list[int], patches_per_sample: in
     merged_tok = patches_per_sample // 4
     out2 = getattr(v, "out_hidden_size2", None)
     merger = c * c + c * v.out_hidden_size + (v.out_hidden_size * out2 if out2 else 0)
-    vis_fwd = samples * (patches_per_sample * 2 * (v.depth * block + h * 3 * 2 * 14 * 14) + merged_tok * 2 * merger)
+    tower_fwd = samples * patches_per_sample * 2 * (v.depth * block + h * 3 * 2 * 14 * 14)
+    merger_fwd = samples * merged_tok * 2 * merger
     window = (v.window_size // v.patch_size) ** 2
     full = len(v.fullatt_block_indexes)
-    vis_fwd += samples * 4 * h * (full * patches_per_sample ** 2 + (v.depth - full) * patches_per_sample * window)
-    return 3 * (text_fwd + vis_fwd)
+    tower_fwd += samples * 4 * h * (full * patches_per_sample ** 2 + (v.depth - full) * patches_per_sample * window)
+    return 3 * (text_fwd + merger_fwd) + (1 if vision_frozen else 3) * tower_fwd
 
 
 def time_steps(model, batch, warmup: int, repeats: int, device) -> tuple[float, float]:
@@ -192,37 +190,9 @@ def liger_kernels(on: bool, model_config=None):
         cls.forward = saved_forward
 
 
-_CU_CACHE: dict = {}
-
-
-def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Causal attention over the documents of a packed row through torch's varlen flash attention; the document
-    ids (1, seq) arrive as attention_mask (the text model's mask builder is bypassed for this case)."""
-    from torch.nn.attention.varlen import varlen_attn
-    doc = attention_mask[0]
-    key_ = (doc.data_ptr(), doc.numel())
-    if key_ not in _CU_CACHE:
-        _CU_CACHE.clear()
-        counts = torch.unique_consecutive(doc, return_counts=True)[1]
-        cu = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-        _CU_CACHE[key_] = (cu, int(counts.max()))
-    cu, longest = _CU_CACHE[key_]
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (seq, heads, dim)
-    params = inspect.signature(varlen_attn).parameters
-    extra = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-    if "scale" in params:
-        extra["scale"] = scaling
-    if "enable_gqa" in params:
-        extra["enable_gqa"] = True
-    elif k.shape[1] != q.shape[1]:
-        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-    out = varlen_attn(q, k, v, cu, cu, longest, longest, **extra)
-    return out.unsqueeze(0), None
-
-
 def run_case(name, kind, text, vision, args, device, dtype, checkpointing=False, packed=False, attn="sdpa",
-             upstream_vision=False, samples=None, liger=False, varlen=False, ckpt_fraction=1.0, compile_layers=False,
-             lengths=None):
+             upstream_vision=False, samples=None, liger=False, per_document=False, ckpt_fraction=1.0,
+             compile_layers=False, lengths=None, vision_frozen=False):
     args = argparse.Namespace(**{**vars(args), "samples": samples or args.samples})
     text_tokens = lengths or args.text_tokens
     if lengths:
@@ -233,16 +203,13 @@ def run_case(name, kind, text, vision, args, device, dtype, checkpointing=False,
             from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionSdpaAttention
             for block in model.model.visual.blocks:
                 block.attn.__class__ = Qwen2_5_VLVisionSdpaAttention
-        if packed and device == "cuda":
-            impl = "flex_attention"
-            if varlen:
-                from transformers import AttentionInterface
-                AttentionInterface.register("qm_varlen", varlen_attention)
-                impl = "qm_varlen"
-                text_model = model.model.language_model
-                text_model._update_causal_mask = lambda mask, *a, **k: mask  # document ids go through as they are
-            model.config.text_config._attn_implementation = impl
-            model.model.language_model.config._attn_implementation = impl
+        if per_document:  # what LLaMA-Factory's patch_model does with neat_packing (our overlay)
+            from transformers.models.qwen2_5_vl_merge.packed_attention import kernel_name, use_for_packed_rows
+            use_for_packed_rows(model)
+            print(f"{name}: attention per document via {kernel_name(device)}", flush=True)
+        if vision_frozen:  # the recipes' freeze set: vision tower frozen, projector (merger) trained
+            model.model.visual.requires_grad_(False)
+            model.model.visual.merger.requires_grad_(True)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             layers = model.model.language_model.layers
@@ -255,7 +222,7 @@ def run_case(name, kind, text, vision, args, device, dtype, checkpointing=False,
         batch, tokens, patches, real_lengths = make_batch(model.config, args.samples, args.image_side, text_tokens,
                                                           device, dtype, packed)
         seconds, mem = time_steps(model, batch, args.warmup, args.repeats, device)
-        flops = flops_per_step(model.config, args.samples, real_lengths, patches // args.samples)
+        flops = flops_per_step(model.config, args.samples, real_lengths, patches // args.samples, vision_frozen)
         loss = float(model(**batch).loss) if device == "cuda" else None
     row = {"case": name, "samples": args.samples, "tokens_per_s": round(tokens / seconds), "step_s": round(seconds, 4),
            "mfu": round(flops / seconds / PEAK_FLOPS, 4), "peak_mem_GiB": round(mem, 1),
@@ -319,7 +286,8 @@ def main() -> int:
         "merge-matched-ckpt": ("Qwen-Merge (matched dims) + grad ckpt", "merge", matched, ckpt),
         "merge-4b": ("Qwen-Merge-4B", "merge", text4b, few),
         "merge-4b-ckpt": ("Qwen-Merge-4B + grad ckpt", "merge", text4b, ckpt),
-        "merge-4b-packed": ("Qwen-Merge-4B packed (flex) + grad ckpt", "merge", text4b, {**ckpt, "packed": True}),
+        "merge-4b-packed": ("Qwen-Merge-4B packed, attention per document + grad ckpt", "merge", text4b,
+                            {**ckpt, "packed": True, "per_document": True}),
         # levers for MFU at the recipes' settings (gradient checkpointing on)
         "merge-matched-ckpt-liger": ("Qwen-Merge (matched dims) + grad ckpt + Liger", "merge", matched,
                                      {**ckpt, "liger": True}),
@@ -328,12 +296,25 @@ def main() -> int:
                                      {**ckpt, "liger": True, "ckpt_fraction": 0.5}),
         "merge-4b-ckpt-liger-compile": ("Qwen-Merge-4B + grad ckpt + Liger + compiled layers", "merge", text4b,
                                         {**ckpt, "liger": True, "compile_layers": True}),
+        # the recipes' freeze set (vision tower frozen, projector and LLM trained)
+        "merge-4b-ckpt-liger-frozenvit": ("Qwen-Merge-4B + grad ckpt + Liger, ViT frozen", "merge", text4b,
+                                          {**ckpt, "liger": True, "vision_frozen": True}),
+        "var-packed-docs-frozenvit": ("var-length packed, attention per document + grad ckpt + Liger, ViT frozen",
+                                      "merge", text4b, {**ckpt, "liger": True, "lengths": var, "packed": True,
+                                                        "per_document": True, "vision_frozen": True}),
+        "var-packed-docs-frozenvit-half": ("var-length packed, per document + Liger + ViT frozen + grad ckpt on half "
+                                           "the layers", "merge", text4b,
+                                           {**ckpt, "liger": True, "lengths": var, "packed": True,
+                                            "per_document": True, "vision_frozen": True, "ckpt_fraction": 0.5}),
         # a variable-length batch: padded rows against one packed row
         "var-pad": ("var-length padded + grad ckpt + Liger", "merge", text4b, {**ckpt, "liger": True, "lengths": var}),
-        "var-packed-flex": ("var-length packed (flex) + grad ckpt + Liger", "merge", text4b,
+        "var-packed-mask": ("var-length packed, SDPA with the block mask + grad ckpt + Liger", "merge", text4b,
                             {**ckpt, "liger": True, "lengths": var, "packed": True}),
-        "var-packed-varlen": ("var-length packed (varlen flash) + grad ckpt + Liger", "merge", text4b,
-                              {**ckpt, "liger": True, "lengths": var, "packed": True, "varlen": True}),
+        "var-packed-docs": ("var-length packed, attention per document + grad ckpt + Liger", "merge", text4b,
+                            {**ckpt, "liger": True, "lengths": var, "packed": True, "per_document": True}),
+        "var-packed-docs-compile": ("var-length packed, attention per document + grad ckpt + Liger + compiled layers",
+                                    "merge", text4b, {**ckpt, "liger": True, "lengths": var, "packed": True,
+                                                      "per_document": True, "compile_layers": True}),
         "var-pad-noliger": ("var-length padded + grad ckpt", "merge", text4b, {**ckpt, "lengths": var}),
     }
     rows = {}

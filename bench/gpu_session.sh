@@ -6,8 +6,10 @@
 #
 # Parts: setup (always first), parity (bench/liger_parity.py), levers (bench_train_gpu.py, recipe settings),
 # long (4B shapes at cutoff_len 8192, with and without Liger), var (a variable-length batch: padded, packed with
-# flex attention, packed with varlen flash attention), compile (regionally compiled layers),
-# recipes-stage1 / recipes-stage3 (random Qwen-Merge-4B through our merger, llamafactory-cli train).
+# SDPA and the block mask as LLaMA-Factory does, packed with our attention per document), compile (regionally
+# compiled layers, padded and packed), frozen (the recipes' freeze set: ViT frozen, projector + LLM trained),
+# recipes-stage1 / recipes-stage3 (random Qwen-Merge-4B through our merger, llamafactory-cli train), recipe8b-stage1
+# (random Qwen-Merge-8B, stage 1 at micro-batch 8 x 4 and 4 x 8).
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-$REPO/bench/results/gpu-session}"
@@ -56,7 +58,7 @@ EOF
     levers)
       step levers
       timeout 300 python3 bench/bench_train_gpu.py --warmup 2 --repeats 5 --json "$OUT/levers.json" --cases \
-        stock-ckpt,merge-matched-ckpt-liger,merge-4b-ckpt,merge-4b-ckpt-liger,merge-4b-ckpt-liger-half,var-pad,var-packed-flex,var-packed-varlen
+        stock-ckpt,merge-matched-ckpt-liger,merge-4b-ckpt,merge-4b-ckpt-liger,merge-4b-ckpt-liger-half,var-pad,var-packed-mask,var-packed-docs
       echo "levers rc=$?"
       ;;
     long)
@@ -68,14 +70,33 @@ EOF
     var)
       step var
       timeout 170 python3 bench/bench_train_gpu.py --warmup 1 --repeats 3 --json "$OUT/var.json" \
-        --cases var-packed-varlen,var-packed-flex,var-pad
+        --cases var-packed-docs,var-packed-mask,var-pad
       echo "var rc=$?"
       ;;
     compile)
       step compile
       timeout 300 python3 bench/bench_train_gpu.py --warmup 3 --repeats 5 --json "$OUT/compile.json" \
-        --cases merge-4b-ckpt-liger-compile
+        --cases merge-4b-ckpt-liger-compile,var-packed-docs-compile
       echo "compile rc=$?"
+      ;;
+    frozen)
+      step frozen
+      timeout 240 python3 bench/bench_train_gpu.py --warmup 2 --repeats 5 --json "$OUT/frozen_vit.json" --cases \
+        merge-4b-ckpt-liger-frozenvit,var-packed-docs-frozenvit,var-packed-docs-frozenvit-half
+      echo "frozen rc=$?"
+      ;;
+    recipe8b-stage1)  # 8B stage 1 at half the 4B micro-batch, then at the 4B one (same global batch)
+      step "recipe 8b stage1"
+      W8="$WORK-8b"
+      for sub in sources merge data; do python3 bench/gpu_recipes.py $sub --work "$W8" --size 8b || exit 1; done
+      for micro in "4 8" "8 4"; do
+        read -r bs accum <<< "$micro"
+        rm -rf "$W8"/out-*  # the final 17.8 GB save of each run; two would fill the 64 GB disk with the sources
+        timeout 170 python3 bench/gpu_recipes.py train per_device_train_batch_size=$bs gradient_accumulation_steps=$accum \
+          --work "$W8" --size 8b --model "$W8/Qwen-Merge-VL-8B-base" --recipe examples/qwen_merge_8b/stage1.yaml \
+          --steps 3 --tag="-bs$bs" --json "$OUT/recipe_8b_stage1_bs$bs.json" > "$WORK-8b-bs$bs.log" 2>&1
+        tail -n 60 "$WORK-8b-bs$bs.log" > "$OUT/recipe_8b_stage1_bs$bs.log"
+      done
       ;;
     recipes-*)
       stage="${part#recipes-}"

@@ -15,7 +15,7 @@ def test_train_benchmark_runs_at_toy_size(tmp_path, venv_env):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert [r["case"] for r in rows] == ["stock Qwen2.5-VL (matched dims)", "Qwen-Merge (matched dims)",
-                                         "Qwen-Merge-4B packed (flex) + grad ckpt"]
+                                         "Qwen-Merge-4B packed, attention per document + grad ckpt"]
     assert all(r["tokens_per_s"] > 0 and r["params_B"] > 0 for r in rows)
 
 

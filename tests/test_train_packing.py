@@ -75,3 +75,49 @@ def test_packed_and_unpacked_batches_give_the_same_loss(batches):
         packed_loss, unpacked_loss = model(**packed).loss, model(**unpacked).loss
     assert torch.isfinite(packed_loss)
     torch.testing.assert_close(packed_loss, unpacked_loss, rtol=1e-5, atol=0)
+
+
+def test_neat_packing_runs_the_text_attention_per_document(batches):
+    """load_model with neat_packing switches the text decoder (not the vision tower) to `qwen_merge_packed`."""
+    model, _, _ = batches
+    assert model.model.language_model.config._attn_implementation == "qwen_merge_packed"
+    assert model.model.visual.config._attn_implementation == "sdpa"
+
+
+def test_documents_are_read_off_llamafactorys_block_mask():
+    from llamafactory.data.collator import prepare_4d_attention_mask
+    from transformers.models.qwen2_5_vl_merge.packed_attention import documents_of
+
+    segments = torch.tensor([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 0, 0]])
+    docs = documents_of(prepare_4d_attention_mask(segments, torch.bfloat16))
+    assert docs.spans == (((0, 2, False), (2, 5, False), (5, 6, True)), ((0, 4, False), (4, 6, True)))
+    assert docs.cu_seqlens.tolist() == [0, 2, 5, 6, 10, 12] and docs.longest == 4
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    assert documents_of(causal[None, None]).spans == (((0, 6, False),),)
+    leaky = causal.clone()
+    leaky[3, 1] = False  # not exactly block-diagonal causal: left to SDPA with the mask
+    assert documents_of(leaky[None, None]) is None
+
+
+def test_per_document_attention_equals_sdpa_with_the_block_mask(batches):
+    """Loss and every gradient of a packed batch: per-document attention against SDPA over the whole row with
+    LLaMA-Factory's block-diagonal mask (the same model and batch)."""
+    model, (packed, _), _ = batches
+    text_config = model.model.language_model.config
+    model.requires_grad_(True)  # loaded for inference by the fixture
+    results = {}
+    for impl in ("qwen_merge_packed", "sdpa"):
+        text_config._attn_implementation = impl
+        model.zero_grad(set_to_none=True)
+        loss = model(**packed).loss
+        loss.backward()
+        results[impl] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    text_config._attn_implementation = "qwen_merge_packed"
+    model.zero_grad(set_to_none=True)
+    model.requires_grad_(False)
+    (loss_docs, grads_docs), (loss_sdpa, grads_sdpa) = results["qwen_merge_packed"], results["sdpa"]
+    torch.testing.assert_close(loss_docs, loss_sdpa, rtol=1e-5, atol=0)
+    assert grads_docs.keys() == grads_sdpa.keys() and len(grads_docs) > 10
+    for name, grad in grads_docs.items():
+        reference = grads_sdpa[name]  # fp32; sums taken in another order: compare at the tensor's scale
+        assert float((grad - reference).abs().max()) <= 1e-5 * float(reference.abs().max()) + 1e-9, name

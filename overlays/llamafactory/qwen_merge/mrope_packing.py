@@ -1,13 +1,18 @@
-"""Per-sample M-RoPE positions for neat-packed rows (qwen-merge overlay).
+"""Neat-packed rows for Qwen-Merge (qwen-merge overlay): per-sample M-RoPE positions, attention per document.
 
 With ``neat_packing`` the collator's attention mask holds one segment id per packed sample (1, 2, ...; 0 = padding),
 but LLaMA-Factory 0.9.3 calls ``get_rope_index`` on the whole row, so every sample after the first continues the
 previous sample's positions. Here each segment gets the positions it would get alone in a batch, i.e. exactly
 those of the unpacked run. Called by ``MultiModalDataCollatorForSeq2Seq.__call__`` after the upstream positions.
+``use_packed_attention`` (called by ``patch_model``) makes the text attention skip the cross-document pairs.
 """
 from typing import Any
 
 import torch
+
+from ..extras import logging
+
+logger = logging.get_logger(__name__)
 
 MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen2_5_vl_merge")
 
@@ -60,3 +65,16 @@ def restart_mrope_positions_per_sample(collator: Any, features: dict[str, torch.
             image_index += num_images
             video_index += num_videos
     features["position_ids"] = positions
+
+
+def use_packed_attention(model: Any, model_args: Any) -> None:
+    """With ``neat_packing`` (``block_diag_attn``), run Qwen-Merge's text attention per packed document instead of
+    SDPA over the whole row with the block-diagonal mask (transformers overlay ``packed_attention.py``)."""
+    if not model_args.block_diag_attn or getattr(model.config, "model_type", None) != "qwen2_5_vl_merge":
+        return
+    from transformers.models.qwen2_5_vl_merge.packed_attention import kernel_name, use_for_packed_rows
+
+    layers = use_for_packed_rows(model)
+    if layers:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        logger.info_rank0(f"neat_packing: text attention per packed document ({kernel_name(device)}), {layers} layers")
