@@ -63,7 +63,9 @@ stack_stamp() { cat "$STACK"/cpu-stack.lock "$STACK"/gpu-stack.lock "$0" | sha25
 
 install_fonts() {
   # CJK + Latin fonts for rendering stage-3 text2image data.
-  if fc-list 2>/dev/null | grep -qi "wqy" && fc-list 2>/dev/null | grep -qi "dejavu"; then return; fi
+  # fc-list is read whole first: `fc-list | grep -q` fails at random under pipefail (SIGPIPE once grep has quit)
+  local fonts; fonts="$(fc-list 2>/dev/null || true)"
+  if grep -qi "wqy" <<<"$fonts" && grep -qi "dejavu" <<<"$fonts"; then return; fi
   if [ "${QWEN_MERGE_NO_APT:-0}" = 1 ] || ! command -v apt-get >/dev/null; then
     say "fonts: install a CJK font (e.g. fonts-wqy-microhei) yourself for stage-3 text rendering"; return
   fi

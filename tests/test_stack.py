@@ -135,3 +135,18 @@ def test_install_is_a_fast_noop_and_check_reports_all():
     from overlays.apply import all_overlay_names, load_manifest
     for name in all_overlay_names():
         assert re.search(rf"\[check\] {load_manifest(name)['package']}\s+OK", check.stdout), check.stdout
+
+
+def test_install_finds_installed_fonts_every_time_under_pipefail():
+    """install.sh runs with `set -o pipefail`: a font probe like `fc-list | grep -q` fails at random (grep quits, fc-list
+    dies of SIGPIPE), and install.sh then calls apt-get on every re-run. Twenty probes in a row must all find the fonts
+    (QWEN_MERGE_NO_APT=1: a miss prints the 'install a CJK font yourself' note instead of calling apt-get)."""
+    fonts = subprocess.run(["fc-list"], capture_output=True, text=True).stdout.lower()
+    assert "wqy" in fonts and "dejavu" in fonts, "install.sh installs these fonts; this machine lacks them"
+    script = (REPO / "install.sh").read_text()
+    install_fonts = script[script.index("install_fonts() {"):script.index("\n}\n", script.index("install_fonts() {")) + 3]
+    probe = f"set -euo pipefail\nsay() {{ echo \"$*\"; }}\n{install_fonts}\nfor _ in $(seq 20); do install_fonts; done\n"
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "QWEN_MERGE_NO_APT": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "", out.stdout
