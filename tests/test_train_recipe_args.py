@@ -1,4 +1,4 @@
-"""The 4B/8B recipes are valid for LLaMA-Factory itself, keep a disk footprint a user can live with, resume when
+"""The 4B/8B/30B-A3B recipes are valid for LLaMA-Factory itself, keep a disk footprint a user can live with, resume when
 rerun, and the README's training loop stops at the first failed stage.
 
 The stage YAMLs go through LLaMA-Factory's own `get_train_args` (chat.yaml through `get_infer_args`) exactly as
