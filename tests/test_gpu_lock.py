@@ -55,3 +55,22 @@ def test_auto_mode_is_cpu_for_the_cpu_venv_even_though_its_torch_is_a_cuda_build
                          env={"PATH": "/usr/bin:/bin", "PYTHON": str(venv_python)}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "cpu"
+
+
+def test_auto_mode_is_gpu_for_an_image_like_python_even_with_a_repo_venv(tmp_path):
+    """The image's python3: a CUDA vLLM 0.9.1 (no +cpu) next to a CUDA torch. Auto-detection must say gpu there, although
+    the repository holds an executable .venv/bin/python (the rule before picked cpu whenever one existed)."""
+    assert (REPO / ".venv" / "bin" / "python").exists()
+    image = tmp_path / "image"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(image)], check=True, timeout=120)
+    site = next((image / "lib").glob("python3.*/site-packages"))
+    dist_info = site / "vllm-0.9.1.dist-info"  # the CUDA wheel's version string, as its METADATA gives it
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 0.9.1\nRequires-Python: >=3.9\n")
+    # the CUDA torch: the CPU venv's torch 2.7.0+cu126 (after this venv's own site-packages, so vllm 0.9.1 is found first)
+    venv_site = next((REPO / ".venv" / "lib").glob("python3.*/site-packages"))
+    (site / "cuda_torch.pth").write_text(f"{venv_site}\n")
+    out = subprocess.run(["bash", str(REPO / "install.sh"), "--print-mode"], capture_output=True, text=True,
+                         env={"PATH": f"{image / 'bin'}:/usr/bin:/bin"}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "gpu"
