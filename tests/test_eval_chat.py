@@ -23,6 +23,14 @@ def ask(child: pexpect.spawn, text: str) -> tuple[str, str]:
     return prompt, child.before.replace("\r\n", "\n").strip()
 
 
+def exit_chat(child: pexpect.spawn) -> None:
+    """EXIT, then the empty line that ends the input; the chat says goodbye and the process ends."""
+    child.sendline("EXIT")
+    child.sendline("")
+    child.expect_exact("Log: Exit!")
+    child.expect(pexpect.EOF)
+
+
 @pytest.mark.parametrize("backend", ["hf", pytest.param("vllm", marks=[pytest.mark.vllm, pytest.mark.slow])])
 def test_chat_about_an_image_with_follow_up_reset_and_exit(backend, tiny_merged, sample_images, venv_env):
     extra = ["--max-model-len", "2048", "--enforce-eager"] if backend == "vllm" else []
@@ -51,10 +59,7 @@ def test_chat_about_an_image_with_follow_up_reset_and_exit(backend, tiny_merged,
         reset_prompt, reset_reply = ask(child, QUESTION)
         assert (reset_prompt, reset_reply) == (first_prompt, first_reply)  # nothing left of the history; greedy
 
-        child.sendline("EXIT")
-        child.sendline("")
-        child.expect_exact("Log: Exit!")
-        child.expect(pexpect.EOF)
+        exit_chat(child)
     finally:
         child.close(force=True)
     assert child.exitstatus == 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from eval.chat import INPUT_PROMPT
-from tests.test_eval_chat import ask
+from tests.test_eval_chat import ask, exit_chat
 
 REPO = Path(__file__).resolve().parent.parent
 QUESTION = "What is in the image?"
@@ -57,10 +57,7 @@ def test_chat_about_an_image_with_the_moe_checkpoint(tiny_merged_moe, sample_ima
         assert prompt.count("<|image_pad|>") == 1 and QUESTION in prompt and reply
         follow_prompt, follow_reply = ask(child, "And the colour?")
         assert reply in follow_prompt and follow_reply
-        child.sendline("EXIT")
-        child.sendline("")
-        child.expect_exact("Log: Exit!")
-        child.expect(pexpect.EOF)
+        exit_chat(child)
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
