@@ -2,11 +2,17 @@
 DeepSpeed ZeRO-2 and ZeRO-3 with gradient checkpointing on (the recipes' default), and a run whose trainable
 parameters get no gradient stops at once with one clear line (the zero-gradient guard of the LLaMA-Factory overlay).
 
-Each run is the real `llamafactory-cli train` of the tiny stage-1 recipe, 2 steps (torchrun, 2 ranks, gloo).
+Each run is the real `llamafactory-cli train` of the tiny stage-1 recipe, 3 steps (torchrun, 2 ranks, gloo).
+
+The root cause of the ZeRO-3 failures (random NaN loss, frozen weights like 1e35, `grad_norm` useless) was the load,
+not checkpointing: DeepSpeed's blocking gather of several parameters waited for its last all-gather only, and on
+gloo an earlier one could still overwrite what rank 0 had just loaded (overlays/deepspeed). The load test below runs
+this file itself on 2 gloo ranks (`__main__`) and checks every parameter after a ZeRO-3 `from_pretrained`.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +26,79 @@ REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = REPO / "examples" / "deepspeed"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+TRIALS = 8  # blocking gathers of a 2048 x 2048 weight + bias; before the fix most of them lost rank 0's write
+
+
+def zero3_config() -> dict:
+    """The recipe's ZeRO-3 config with the values the HF Trainer fills in for "auto" (2 ranks, fp32, tiny model)."""
+    config = json.loads((DEEPSPEED / "ds_z3_config.json").read_text())
+    config.update(train_batch_size=4, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1,
+                  gradient_clipping=1.0, bf16={"enabled": False})
+    config["fp16"]["enabled"] = False
+    config["zero_optimization"].update(reduce_bucket_size=36864, stage3_prefetch_bucket_size=33177,
+                                       stage3_param_persistence_threshold=1920)
+    return config
+
+
+def rank_main(model_dir: str, out_dir: str) -> None:
+    """One of 2 gloo ranks: (1) weight + bias written by rank 0 inside GatheredParameters(modifier_rank=0), the way
+    transformers loads a ZeRO-3 checkpoint, must be what a later gather returns; (2) `from_pretrained` of the tiny
+    merged model under ZeRO-3 must hold exactly the checkpoint's tensors. Writes rank<N>.json."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from examples.compare_checkpoints import canonical_name
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    ds_config = HfDeepSpeedConfig(zero3_config())  # noqa: F841  (kept alive: it makes from_pretrained use zero.Init)
+
+    with deepspeed.zero.Init(config_dict_or_path=zero3_config()):
+        linear = torch.nn.Linear(2048, 2048)
+    lost = 0
+    for trial in range(TRIALS):
+        written = torch.arange(2048 * 2048, dtype=torch.float32).reshape(2048, 2048) + trial
+        with deepspeed.zero.GatheredParameters([linear.weight, linear.bias], modifier_rank=0):
+            if rank == 0:
+                linear.weight.data.copy_(written)
+                linear.bias.data.fill_(trial)
+        with deepspeed.zero.GatheredParameters([linear.weight]):
+            lost += not torch.equal(linear.weight.data, written)
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    checkpoint = {canonical_name(k): v for k, v in load_file(str(Path(model_dir) / "model.safetensors")).items()}
+    checkpoint.setdefault("lm_head.weight", checkpoint["model.language_model.embed_tokens.weight"])  # tied
+    wrong, compared = [], 0
+    for name, param in model.named_parameters(remove_duplicate=False):
+        compared += 1
+        with deepspeed.zero.GatheredParameters([param]):
+            if not torch.equal(param.data, checkpoint[name]):
+                wrong.append(f"{name} (max |w| {param.data.abs().max().item():.3g})")
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({"lost": lost, "wrong": wrong,
+                                                                 "compared": compared}))
+
+
+def test_zero3_load_on_two_gloo_ranks_keeps_every_checkpoint_tensor(work, env, tiny_merged):
+    """Before overlays/deepspeed: most blocking weight + bias gathers lost rank 0's write, and a random few vision
+    tower / projector Linear weights came out of `from_pretrained` as uninitialised memory (|w| ~ 1e35 or NaN)."""
+    import subprocess
+
+    out = work / "zero3_load"
+    out.mkdir()
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(20000 + os.getpid() % 9000),
+                           __file__, str(tiny_merged), str(out)], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for rank in (0, 1):
+        result = json.loads((out / f"rank{rank}.json").read_text())
+        assert result["lost"] == 0, f"rank {rank}: {result['lost']} of {TRIALS} gathers lost rank 0's write"
+        assert result["compared"] == 57 and result["wrong"] == []  # 56 tensors + the tied lm_head, f"rank {rank}: {result['wrong']}"
 
 
 def run_cli(args: list[str], env: dict, log: Path):
@@ -81,3 +160,8 @@ def test_guard_stops_a_run_whose_trainable_parameters_get_no_gradient(work, env,
     assert len(losses(out)) == 2  # stopped after the guard's 2 steps, not after 20
     assert not (out / "adapter_model.safetensors").exists()  # nothing saved as if it had trained
 
+
+
+if __name__ == "__main__":  # run by torchrun from the load test
+    sys.path.insert(0, str(REPO))
+    rank_main(*sys.argv[1:3])
