@@ -162,6 +162,22 @@ def test_guard_stops_a_run_whose_trainable_parameters_get_no_gradient(work, env,
 
 
 
+def test_guard_stops_a_run_whose_loss_is_not_finite(work, env, tiny_data, tiny_merged):
+    """Stage 1 with `learning_rate: 1.0e+30` (meant: 1.0e-3): after the first Adam step the projector weights are
+    ~1e30 and the loss overflows. The trainer's NaN filter would log it as 0.0 and train on; the guard must stop the
+    run with one line at the first non-finite step."""
+    out = work / "nan"
+    code, log = run_cli(cli_args("train", "stage1.yaml", model_name_or_path=tiny_merged, output_dir=out,
+                                 dataset_dir=tiny_data, learning_rate="1.0e+30", max_steps=20,
+                                 per_device_train_batch_size=2), env, work / "nan.log")
+    assert code != 0
+    errors = [line for line in log.splitlines() if "zero-gradient guard:" in line]
+    assert len(errors) == 1 and "non-finite loss" in errors[0], log[-3000:]
+    assert "Traceback" not in log
+    assert 2 <= len(losses(out)) <= 3  # a finite first step, then stopped at the first non-finite one, not after 20
+    assert not (out / "model.safetensors").exists()
+
+
 if __name__ == "__main__":  # run by torchrun from the load test
     sys.path.insert(0, str(REPO))
     rank_main(*sys.argv[1:3])
