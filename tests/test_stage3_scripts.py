@@ -207,12 +207,19 @@ def test_length_flag_defaults_match_the_stage3_recipes():
                                                                               config["image_max_pixels"])
 
 
-def test_training_length_counts_template_text_and_image_tokens(tiny_merged):
-    from transformers import AutoTokenizer
+@pytest.mark.parametrize("image_processor", ["slow", "fast"])
+def test_training_length_counts_template_text_and_image_tokens(image_processor, tiny_merged, tmp_path):
+    """Also with the fast image processor a LLaMA-Factory output folder saves (the student after stage 2.2)."""
+    from transformers import AutoProcessor, AutoTokenizer
 
     from data_process.stage3.length import TrainingLength
 
-    measure = TrainingLength(str(tiny_merged), min_pixels=56 * 56, max_pixels=280 * 280)
+    student = tiny_merged
+    if image_processor == "fast":
+        student = tmp_path / "student"
+        AutoProcessor.from_pretrained(str(tiny_merged), use_fast=True).save_pretrained(student)
+        assert "Fast" in json.loads((student / "preprocessor_config.json").read_text())["image_processor_type"]
+    measure = TrainingLength(str(student), min_pixels=56 * 56, max_pixels=280 * 280)
     messages = [{"role": "user", "content": "<image>\nWhat is shown?"},
                 {"role": "assistant", "content": "<think>\nlook\n</think>\n\nA red square."}]
     # Independent count: the Qwen chat layout written out by hand, 280x280 px = 10x10 merged patches = 100 pads.

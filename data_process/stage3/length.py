@@ -38,8 +38,8 @@ class TrainingLength:
 
         with Image.open(io.BytesIO(data)) as image:
             grid = self.image_processor(images=[image.convert("RGB")], min_pixels=self.min_pixels,
-                                        max_pixels=self.max_pixels, return_tensors="np")["image_grid_thw"][0]
-        return int(grid.prod()) // self.merge
+                                        max_pixels=self.max_pixels, return_tensors="pt")["image_grid_thw"][0]
+        return int(grid.prod()) // self.merge  # "pt": the fast image processor (LLaMA-Factory saves it) has no "np"
 
     def count(self, messages: list[dict], images: list[bytes]) -> int:
         # As LLaMA-Factory's Qwen2-VL plugin does: each <image> becomes vision_start + pads + vision_end.
